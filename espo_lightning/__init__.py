@@ -1,0 +1,15 @@
+"""espo-lightning: RL fine-tuning of LLMs with verifiable rewards on PyTorch Lightning.
+
+Where things live:
+  losses/        policy losses (ESPO, GSPO, GRPO/DAPO, CISPO, GMPO) and KL estimators
+  advantages.py  group-normalised advantages;  logprobs.py  chunked log-probs and entropies
+  module.py      the LightningModule (policy + reference + loss)
+  rollout/       the rollout DataModule, typed batches, rollout engines (HF generate, vLLM)
+  rewards/       reward functions (math_accuracy, format, exact match)
+  data/          prompt sources (JSONL / Parquet / HF datasets folders)
+  tasks/         the embedded default task and tiny model
+  cli.py         ``python -m espo_lightning fit --config conf/X.yaml``
+Diagnostics callbacks live in the top-level ``callbacks`` package.
+"""
+
+__version__ = "0.1.0"

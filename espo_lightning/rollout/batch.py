@@ -22,6 +22,7 @@ class RolloutBatch:
     ref_logprobs: torch.Tensor | None = None  # [B, Lc], only when the loss has a KL term
     group_ids: torch.Tensor | None = None  # [B, Lc] long, entropy group per token (ESPO), -1 off-mask
     engine_logprobs: torch.Tensor | None = None  # [B, Lc], the rollout engine's own log-probs
+    temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
 
     @property
     def prompt_length(self) -> int:
@@ -34,6 +35,32 @@ class RolloutBatch:
         """Rows ``index`` of every tensor field (None fields stay None)."""
         return replace(self, **{f.name: _take(getattr(self, f.name), index) for f in fields(self)})
 
+    def to(self, device) -> "RolloutBatch":
+        return replace(self, **{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+
+    def trimmed(self) -> "RolloutBatch":
+        """Drop prompt columns that are padding in every row and completion columns past the longest
+        completion, so a minibatch of short responses does not pay for the rollout's longest one."""
+        lp = self.prompt_length
+        prompt_real = self.attention_mask[:, :lp].any(dim=0)
+        completion_real = self.attention_mask[:, lp:].any(dim=0)
+        first = int(prompt_real.float().argmax()) if bool(prompt_real.any()) else lp
+        last = int(completion_real.nonzero().max()) + 1 if bool(completion_real.any()) else 1
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, torch.Tensor) or v.dim() < 2:
+                out[f.name] = v
+            elif f.name in ("input_ids", "attention_mask"):
+                out[f.name] = torch.cat([v[:, first:lp], v[:, lp : lp + last]], dim=1)
+            else:
+                out[f.name] = v[:, :last]
+        return replace(self, **out)
+
 
 def _take(value, index):
-    return None if value is None else value[index]
+    return value[index] if isinstance(value, torch.Tensor) else value
+
+
+def _move(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,4 @@
+from espo_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""``python -m espo_lightning fit --config conf/X.yaml``: a LightningCLI over ``PolicyModule`` and
+``RolloutDataModule``. Losses, engines, rewards, optimizers and callbacks are chosen in YAML by
+``class_path``; constructor signatures are the schema and their docstrings the ``--help``."""
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from espo_lightning.errors import ConfigError
+from espo_lightning.module import PolicyModule
+from espo_lightning.rollout.datamodule import RolloutDataModule
+
+# An epoch is one rollout: the DataModule must be asked for fresh rollouts every epoch, and the
+# sanity check is the full greedy evaluation before the first update.
+TRAINER_DEFAULTS = {
+    "reload_dataloaders_every_n_epochs": 1,
+    "num_sanity_val_steps": -1,
+    "max_epochs": 20,
+    "log_every_n_steps": 1,
+}
+
+
+class ESPOLightningCLI(LightningCLI):
+    def before_fit(self) -> None:
+        self.datamodule.check_data()
+
+    def before_validate(self) -> None:
+        self.datamodule.check_data()
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        ESPOLightningCLI(
+            PolicyModule,
+            RolloutDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

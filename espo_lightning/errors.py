@@ -1,0 +1,5 @@
+"""User-facing configuration errors: the CLI prints them as one line and exits non-zero."""
+
+
+class ConfigError(ValueError):
+    """A bad value in the config or the data; the message names the key or row and what is allowed."""

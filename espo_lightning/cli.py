@@ -22,6 +22,14 @@ TRAINER_DEFAULTS = {
 
 
 class ESPOLightningCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        # Constructors validate their arguments with ValueError; at this point that is always a
+        # config mistake, so report it as one line rather than a traceback.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
     def before_fit(self) -> None:
         self.datamodule.check_data()
 

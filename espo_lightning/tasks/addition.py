@@ -72,12 +72,14 @@ def _sft_batch(tokenizer, pairs, device):
     return input_ids.to(device), attention.to(device), labels.to(device)
 
 
-def warm_start(model, tokenizer, steps: int, batch_size: int = 128, lr: float = 3e-3, seed: int = 0) -> None:
+def warm_start(model, tokenizer, steps: int, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
+               start_step: int = 0) -> None:
     """Supervised warm start on random problems (disjoint seeds from the RL and validation sets)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    # Constant after a short warm-up, so a longer warm start extends the same trajectory.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
     model.train()
-    for step in range(steps):
+    for step in range(start_step, start_step + steps):
         input_ids, attention, labels = _sft_batch(tokenizer, problems(batch_size, seed=10_000 + seed * 100_003 + step), "cpu")
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny embedded addition model built once per test session (real transformers
+model, real tokenizer, saved with save_pretrained), and the path of the real GSM8K file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer, 64-wide addition model with a short warm start (a few seconds to build)."""
+    from espo_lightning.tasks.addition import AdditionModelBuilder
+
+    path = tmp_path_factory.mktemp("models") / "addition-tiny"
+    AdditionModelBuilder(sft_steps=20, hidden_size=64, num_layers=2)(path)
+    return str(path)
+
+
+@pytest.fixture
+def gsm8k_path() -> Path:
+    if not GSM8K.exists():
+        pytest.skip(f"real GSM8K data not found at {GSM8K}")
+    return GSM8K

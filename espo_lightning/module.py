@@ -45,7 +45,8 @@ class PolicyModule(L.LightningModule):
         logprob_chunk_size: Rows of the [tokens, V] logits processed at a time when computing log-probs.
         scoring_batch_size: Sequences per no-grad forward pass when scoring a rollout.
         export_dir: If set, the trained policy and tokenizer are saved there (``save_pretrained``)
-            when fit ends; transformers and vLLM load the folder directly.
+            when fit ends; transformers and vLLM load the folder directly. A relative path is taken
+            inside the run's log folder (next to its checkpoints and config.yaml).
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class PolicyModule(L.LightningModule):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self.policy = self._load(self.model_name_or_path)
+        self.policy = self._load(self.model_name_or_path).train()  # from_pretrained returns eval mode
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(self.loss_fn, "vocab_size", 1) is None:
@@ -192,7 +193,12 @@ class PolicyModule(L.LightningModule):
         if self.export_dir:
             from espo_lightning.export import export_policy
 
-            export_policy(self, self.export_dir)
+            from pathlib import Path
+
+            target = Path(self.export_dir)
+            if not target.is_absolute() and self.trainer.log_dir:
+                target = Path(self.trainer.log_dir) / target
+            export_policy(self, str(target))
 
 
 def _check_optimizer(factory) -> None:

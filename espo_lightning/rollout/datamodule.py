@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from typing import Callable
 
 import lightning as L
@@ -24,6 +25,10 @@ from espo_lightning.rollout.engines.hf import HFEngine
 from espo_lightning.rollout.rewarding import combined_rewards
 from espo_lightning.rollout.stats import RolloutStats
 from espo_lightning.rollout.tensors import build_rollout_batch
+
+
+# _Items defines __len__ on purpose (progress bar, epoch length) and is never split across workers.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 
 class _Items(IterableDataset):

@@ -109,7 +109,7 @@ class AdditionModelBuilder:
         seed: Initialisation and data seed.
     """
 
-    def __init__(self, sft_steps: int = 300, hidden_size: int = 128, num_layers: int = 3, seed: int = 0):
+    def __init__(self, sft_steps: int = 1000, hidden_size: int = 128, num_layers: int = 3, seed: int = 0):
         if sft_steps < 0:
             raise ValueError(f"AdditionModelBuilder: sft_steps must be >= 0, got {sft_steps}")
         self.sft_steps, self.hidden_size, self.num_layers, self.seed = sft_steps, hidden_size, num_layers, seed

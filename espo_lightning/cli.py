@@ -3,10 +3,12 @@
 ``class_path``; constructor signatures are the schema and their docstrings the ``--help``."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from espo_lightning.cli_errors import one_line
 from espo_lightning.errors import ConfigError
 from espo_lightning.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
@@ -43,13 +45,13 @@ def main(args: list[str] | None = None) -> None:
             PolicyModule,
             RolloutDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
         )
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, argparse.ArgumentError) as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,6 +2,7 @@
 built in configure_model, which only fit/validate call)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ OVERLAYS = {"gspo.yaml", "grpo.yaml", "dapo.yaml"}
 
 
 def build(args: list[str]) -> ESPOLightningCLI:
+    sys.argv = sys.argv[:1]  # LightningCLI warns when both args and pytest's own argv are present
     return ESPOLightningCLI(PolicyModule, RolloutDataModule, trainer_defaults=TRAINER_DEFAULTS,
                             parser_kwargs={"parser_mode": "omegaconf"}, auto_configure_optimizers=False,
                             run=False, args=args)

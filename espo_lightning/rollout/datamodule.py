@@ -159,9 +159,15 @@ class RolloutDataModule(L.LightningDataModule):
 
     def check_data(self) -> None:
         """Load the prompt sources now, so a bad path or row fails before any model is loaded."""
-        self._rows()
-        if self.val_data is not None and not self.val_data.rows():
-            raise ConfigError("data.val_data: the prompt source returned no rows")
+        for key, source in (("data.train_data", self.train_data), ("data.val_data", self.val_data)):
+            if source is None:
+                continue
+            try:
+                rows = source.rows()
+            except (ValueError, FileNotFoundError, ImportError) as err:
+                raise ConfigError(f"{key}: {err}") from err
+            if not rows:
+                raise ConfigError(f"{key}: the prompt source returned no rows")
 
     def teardown(self, stage: str) -> None:
         if self._engine_ready:

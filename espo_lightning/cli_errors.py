@@ -1,0 +1,37 @@
+"""Turning jsonargparse's nested, multi-line validation errors into one line that names the key,
+the specific problem, and what is allowed."""
+from __future__ import annotations
+
+import re
+
+# What a class_path may name, per config key, for the "allowed" part of the message.
+ALLOWED = {
+    "model.loss": "espo_lightning.losses.{ESPOLoss, GSPOLoss, GRPOLoss, CISPOLoss, GMPOLoss} or a PolicyLoss subclass",
+    "data.engine": "espo_lightning.rollout.engines.{HFEngine, VLLMEngine} or a RolloutEngine subclass",
+    "data.train_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource or a PromptSource subclass",
+    "data.val_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource or a PromptSource subclass",
+    "data.reward_funcs": "import paths of reward functions, e.g. espo_lightning.rewards.math_accuracy",
+}
+
+
+def one_line(message: str) -> str:
+    lines = [ln.rstrip() for ln in str(message).splitlines() if ln.strip()]
+    if not lines:
+        return "invalid configuration"
+    key_match = re.search(r'Parser key "([^"]+)"', message)
+    key = key_match.group(1) if key_match else None
+    details = []
+    for i, ln in enumerate(lines):
+        text = ln.strip()
+        if not text.startswith("- ") or "NoneType" in text:
+            continue
+        text = text[2:].strip()
+        if text.endswith(":") and i + 1 < len(lines):  # "Problem with given class_path 'x':" + reason
+            text = f"{text} {lines[i + 1].strip()}"
+        details.append(text)
+    head = "; ".join(details) if details else lines[0].strip()
+    if key and not head.startswith(key):
+        head = f"{key}: {head}"
+    if key in ALLOWED and "class_path" in message:
+        head += f" (allowed: {ALLOWED[key]})"
+    return re.sub(r"\s+", " ", head)

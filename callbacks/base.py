@@ -1,0 +1,229 @@
+"""The stable contract between ``PolicyModule.training_step`` and the diagnostics callbacks.
+
+Reading a step
+--------------
+``training_step`` returns ``{"loss": loss, "metrics": metrics, "batch": batch}``. Lightning hands that
+dict to ``Callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)`` as
+``outputs``. Callbacks read it only through two functions, so the step output may grow without
+breaking them:
+
+- ``step_diagnostics(outputs) -> dict[str, Tensor]``: the loss's detached scalar metrics, keyed as
+  in DESIGN section 2: ``clip/low``, ``clip/high``, ``clip/total``, ``grad_util/token``,
+  ``grad_util/sequence``, ``ratio/mean``, ``ratio/max``, ``count/tokens`` (valid tokens of this
+  minibatch on this rank), ``count/sequences`` (responses with at least one valid token), and
+  optionally ``clip/sequence``, ``kl/mean`` and ``entropy_group/<k>/{size_frac, entropy_mean,
+  epsilon_mean, clip_frac, ratio_mean}`` (k = 0 is the highest-entropy group; all but
+  ``size_frac`` are token-weighted within group k, so group k holds ``size_frac * count/tokens``
+  tokens). Empty dict when the step returned nothing.
+- ``step_batch(outputs, batch=None) -> RolloutBatch | None``: the minibatch the step trained on
+  (``completion_mask``, ``entropies``, ``advantages``, ...; see ``espo_lightning.rollout.batch``).
+
+Aggregating
+-----------
+``DiagnosticsCallback`` keeps torchmetrics state on the callback (on the module's device) and gives
+subclasses three helpers:
+
+- ``log_step(pl_module, means, maxes)``: logs per-step values with ``on_step=True, on_epoch=False``
+  under their plain names (``clip/low``). With ``sync_step=True`` (default) the value logged is the
+  *global* token-weighted value of the step over all ranks (one ``all_reduce`` of a small packed
+  tensor per callback per step); with ``sync_step=False`` it is rank 0's local value and no
+  communication happens. Steps that Lightning does not log (``trainer.log_every_n_steps``) cost
+  nothing: no reduction, no host copy.
+- ``accumulate(pl_module, name, value, weight)`` / ``accumulate_max(...)``: add to the epoch
+  aggregate of ``name`` (a ``WeightedMean`` with weight = tokens or sequences, or a ``MaxMetric``).
+- ``log_epoch(pl_module)``: called at ``on_train_epoch_end``; logs every aggregate as
+  ``<name>_epoch`` (``clip/low_epoch``), synchronised across ranks by torchmetrics, so a 2-rank run
+  logs the same number as a 1-rank run on the same data; then resets. Aggregates with no weight
+  (an empty epoch, an always-empty entropy group) are not logged, so no NaN is ever logged.
+
+Every rank must run the same number of steps and report the same metric names at each step (true
+for ``espo_lightning.losses``: the names depend only on the loss's configuration), because the
+reductions are collectives.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MaxMetric, Metric
+
+from callbacks.metrics import WeightedMean
+
+EPOCH_SUFFIX = "_epoch"
+
+
+def step_diagnostics(outputs) -> dict[str, Tensor]:
+    """The loss's detached scalar metrics of one training step (``outputs["metrics"]``), or ``{}``."""
+    if not isinstance(outputs, Mapping):
+        return {}
+    metrics = outputs.get("metrics")
+    if not isinstance(metrics, Mapping):
+        return {}
+    return {k: v for k, v in metrics.items() if isinstance(v, Tensor)}
+
+
+def step_batch(outputs, batch=None):
+    """The ``RolloutBatch`` a training step trained on: ``outputs["batch"]``, else the hook's ``batch``
+    argument when it looks like one (has ``completion_mask``), else None."""
+    candidate = outputs.get("batch") if isinstance(outputs, Mapping) else None
+    for b in (candidate, batch):
+        if b is not None and hasattr(b, "completion_mask"):
+            return b
+    return None
+
+
+def entropy_group_indices(diagnostics: Mapping[str, Tensor]) -> list[int]:
+    """The group indices k present as ``entropy_group/<k>/...`` keys, ascending."""
+    ks = set()
+    for key in diagnostics:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "entropy_group" and parts[1].isdigit():
+            ks.add(int(parts[1]))
+    return sorted(ks)
+
+
+def _scalar(x, device) -> Tensor:
+    return torch.as_tensor(x).detach().to(device=device, dtype=torch.float32).reshape(())
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def step_is_logged(trainer) -> bool:
+    """Whether Lightning writes this training step's logged values (``log_every_n_steps``); per-step
+    values are reduced and copied to the host only then. Same answer on every rank."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+def tensorboard_writers(trainer) -> list:
+    """The ``SummaryWriter`` of every TensorBoard logger of the trainer, on global rank 0 only."""
+    if not trainer.is_global_zero:
+        return []
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class DiagnosticsCallback(L.Callback):
+    """Base class of the diagnostics callbacks: per-step logging and synced epoch aggregates.
+
+    Args:
+        sync_step: Log per-step values reduced over all ranks (token-weighted, one small
+            ``all_reduce`` per step). False logs rank 0's local value with no communication.
+        log_every_step: Log per-step values at all (epoch aggregates are logged regardless).
+    """
+
+    def __init__(self, sync_step: bool = True, log_every_step: bool = True) -> None:
+        super().__init__()
+        self.sync_step = sync_step
+        self.log_every_step = log_every_step
+        self._means: dict[str, WeightedMean] = {}
+        self._maxes: dict[str, MaxMetric] = {}
+
+    # ----- epoch aggregates -------------------------------------------------------------------
+    def _metric(self, table: dict, name: str, factory, device) -> Metric:
+        metric = table.get(name)
+        if metric is None:
+            metric = table[name] = factory().to(device)
+        elif metric.device != device:
+            metric.to(device)
+        return metric
+
+    def accumulate(self, pl_module, name: str, value: Tensor, weight: Tensor | float) -> None:
+        """Add ``value`` with ``weight`` (tokens or sequences it averages over) to the epoch mean of ``name``."""
+        self._metric(self._means, name, WeightedMean, pl_module.device).update(value, weight)
+
+    def accumulate_max(self, pl_module, name: str, value: Tensor) -> None:
+        self._metric(self._maxes, name, lambda: MaxMetric(nan_strategy="disable"), pl_module.device).update(value)
+
+    def compute_epoch(self) -> dict[str, float]:
+        """Every aggregate of the epoch, synchronised across ranks (collective: call on all ranks),
+        without the ones that saw no weight. Does not reset."""
+        names, values = [], []
+        for table in (self._means, self._maxes):
+            for name in sorted(table):
+                metric = table[name]
+                if metric.update_called:
+                    names.append(name)
+                    values.append(metric.compute().float().reshape(()))
+        if not values:
+            return {}
+        host = torch.stack(values).cpu().tolist()  # one transfer for all of them
+        return {n: v for n, v in zip(names, host) if math.isfinite(v)}
+
+    def reset_epoch(self) -> None:
+        for table in (self._means, self._maxes):
+            for metric in table.values():
+                metric.reset()
+
+    def log_epoch(self, pl_module, suffix: str = EPOCH_SUFFIX) -> dict[str, float]:
+        """Log every aggregate as ``<name><suffix>`` and reset; returns what was logged."""
+        values = self.compute_epoch()
+        self.reset_epoch()
+        for name, value in values.items():
+            self.log_value(pl_module, name + suffix, value, on_step=False)
+        return values
+
+    # ----- per-step values --------------------------------------------------------------------
+    def reduce_step(
+        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None
+    ) -> dict[str, float]:
+        """Per-step values: ``means`` maps name -> (value, weight), reduced to ``sum(v w) / sum(w)``
+        over ranks when ``sync_step``; ``maxes`` maps name -> value, reduced with max. Names whose
+        total weight is 0 are left out. Same names on every rank (collective)."""
+        device = pl_module.device
+        out: dict[str, float] = {}
+        names = sorted(means)
+        if names:
+            rows = []
+            for v, w in (means[n] for n in names):
+                v, w = _scalar(v, device), _scalar(w, device)
+                rows.append(torch.stack([v * w, w]))
+            packed = torch.stack(rows)  # [N, 2]: (value * weight, weight)
+            if self.sync_step and distributed():
+                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+            sums, weights = packed.cpu().unbind(-1)
+            for name, s, w in zip(names, sums.tolist(), weights.tolist()):
+                if w > 0 and math.isfinite(s / w):
+                    out[name] = s / w
+        max_names = sorted(maxes or {})
+        if max_names:
+            packed = torch.stack([_scalar(maxes[n], device) for n in max_names])
+            if self.sync_step and distributed():
+                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+            for name, v in zip(max_names, packed.cpu().tolist()):
+                if math.isfinite(v):
+                    out[name] = v
+        return out
+
+    def log_step(
+        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None
+    ) -> dict[str, float]:
+        """Reduce (see ``reduce_step``) and log per-step values under their plain names."""
+        if not self.log_every_step or not step_is_logged(pl_module.trainer):
+            return {}
+        values = self.reduce_step(pl_module, means, maxes)
+        for name, value in values.items():
+            self.log_value(pl_module, name, value, on_step=True)
+        return values
+
+    @staticmethod
+    def log_value(pl_module, name: str, value: float, on_step: bool) -> None:
+        """``pl_module.log`` of a value that is already global (identical on every rank). Epoch values
+        are logged with ``sync_dist`` and a max reduction, which leaves identical values unchanged
+        and keeps Lightning from warning that epoch-level values are not synchronised."""
+        sync = (not on_step) and distributed()
+        pl_module.log(name, float(value), on_step=on_step, on_epoch=not on_step, batch_size=1,
+                      sync_dist=sync, reduce_fx="max" if sync else "mean")
+
+    # ----- hooks ------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.reset_epoch()  # drop partial state of an interrupted epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.log_epoch(pl_module)

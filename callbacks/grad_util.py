@@ -1,0 +1,96 @@
+"""``GradientUtilizationMonitor``: how much of a minibatch actually pushes on the policy, and how hard."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from callbacks.base import DiagnosticsCallback, step_batch, step_diagnostics, step_is_logged
+
+
+def nonzero_advantage_tokens(batch) -> torch.Tensor:
+    """Valid tokens whose advantage is non-zero (``[B]`` or ``[B, Lc]`` advantages), a 0-d tensor."""
+    mask = batch.completion_mask.bool()  # [B, Lc]
+    adv = batch.advantages
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)  # [B, 1], broadcast over tokens
+    return (mask & (adv != 0)).sum()
+
+
+def total_grad_norm(parameters) -> torch.Tensor | None:
+    """The global L2 norm of the parameters' gradients, or None when none has a gradient.
+
+    Works for plain tensors (under DDP the gradients are already all-reduced) and for FSDP2
+    ``DTensor`` shards, whose partial norm ``full_tensor()`` reduces over the mesh."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+    if hasattr(norm, "full_tensor"):  # DTensor
+        norm = norm.full_tensor()
+    return norm
+
+
+class GradientUtilizationMonitor(DiagnosticsCallback):
+    """Gradient utilisation (DESIGN section 2) and the gradient norm.
+
+    Per step and as ``..._epoch`` aggregates:
+
+    - ``grad_util/token``: fraction of valid tokens whose policy gradient is active (A != 0 and not
+      clipped); token-weighted.
+    - ``grad_util/sequence``: fraction of responses with at least one active token; weighted by
+      responses.
+    - ``grad_util/nonzero_adv_frac``: fraction of valid tokens with A != 0, from the batch.
+    - ``grad_util/effective``: of the tokens with A != 0, the share whose gradient survives the clip,
+      ``grad_util/token / grad_util/nonzero_adv_frac`` = active tokens / non-zero-advantage tokens;
+      aggregated as a ratio of sums (weighted by non-zero-advantage tokens) and left out of a step in
+      which no token has A != 0.
+    - ``grad/norm``: the global L2 norm of the policy's gradients *before* gradient clipping, measured
+      in ``on_before_optimizer_step`` (Lightning clips after that hook); ``grad/norm_epoch`` is its
+      mean over the epoch's optimizer steps and ``grad/norm_max_epoch`` its maximum. Non-finite norms
+      are not logged; ``grad/nonfinite_frac_epoch`` is the fraction of optimizer steps that had one.
+
+    Args:
+        grad_norm: Measure the gradient norm (one reduction over all gradients per optimizer step).
+        sync_step: See ``DiagnosticsCallback``.
+        log_every_step: See ``DiagnosticsCallback``.
+    """
+
+    def __init__(self, grad_norm: bool = True, sync_step: bool = True, log_every_step: bool = True) -> None:
+        super().__init__(sync_step=sync_step, log_every_step=log_every_step)
+        self.grad_norm = grad_norm
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        diag = step_diagnostics(outputs)
+        if "count/tokens" not in diag:
+            return
+        tokens = diag["count/tokens"]
+        means = {}
+        if "grad_util/token" in diag:
+            means["grad_util/token"] = (diag["grad_util/token"], tokens)
+        if "grad_util/sequence" in diag:
+            means["grad_util/sequence"] = (diag["grad_util/sequence"], diag.get("count/sequences", tokens))
+        b = step_batch(outputs, batch)
+        if b is not None and "grad_util/token" in diag:
+            nonzero = nonzero_advantage_tokens(b).to(tokens.dtype)
+            active = diag["grad_util/token"] * tokens
+            means["grad_util/nonzero_adv_frac"] = (nonzero / tokens.clamp_min(1), tokens)
+            means["grad_util/effective"] = (active / nonzero.clamp_min(1), nonzero)
+        for name, (value, weight) in means.items():
+            self.accumulate(pl_module, name, value, weight)
+        self.log_step(pl_module, means)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grad_norm:
+            return
+        norm = total_grad_norm(pl_module.parameters())
+        if norm is None:
+            return
+        finite = torch.isfinite(norm)
+        self.accumulate(pl_module, "grad/norm", torch.where(finite, norm, 0.0), finite.float())
+        self.accumulate(pl_module, "grad/nonfinite_frac", (~finite).float(), 1.0)
+        self.accumulate_max(pl_module, "grad/norm_max", torch.where(finite, norm, 0.0))
+        if self.log_every_step and step_is_logged(trainer):
+            value = norm.item()  # identical on every rank (DDP all-reduced gradients, DTensor full_tensor)
+            if math.isfinite(value):
+                self.log_value(pl_module, "grad/norm", value, on_step=True)

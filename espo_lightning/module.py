@@ -162,6 +162,8 @@ class PolicyModule(L.LightningModule):
             mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
             group_ids=batch.group_ids)
         self.log("loss/policy", loss.detach(), prog_bar=False, batch_size=len(batch))
+        if "kl/mean" in metrics:
+            self.log("loss/kl", metrics["kl/mean"], batch_size=len(batch))
         rollout = getattr(self.trainer.datamodule, "last_rollout", None) if self._trainer else None
         if rollout is not None and batch_idx == 0:
             self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)

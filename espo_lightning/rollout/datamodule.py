@@ -205,12 +205,14 @@ class RolloutDataModule(L.LightningDataModule):
                               f"number of ranks ({world})")
         rows = self._rows()
         start = epoch * self.prompts_per_rollout
+        orders: dict[int, list[int]] = {}  # one shuffle per pass over the data
         chosen = []
         for k in range(start, start + self.prompts_per_rollout):
             data_pass, offset = divmod(k, len(rows))
-            order = list(range(len(rows)))
-            random.Random(self.seed * 1_000_003 + data_pass).shuffle(order)
-            chosen.append(rows[order[offset]])
+            if data_pass not in orders:
+                orders[data_pass] = list(range(len(rows)))
+                random.Random(self.seed * 1_000_003 + data_pass).shuffle(orders[data_pass])
+            chosen.append(rows[orders[data_pass][offset]])
         return chosen[rank::world]
 
     # ----- the rollout ------------------------------------------------------------------------

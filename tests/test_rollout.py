@@ -117,3 +117,21 @@ def test_greedy_sampling_is_deterministic(tiny_model_dir):
 def test_datamodule_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=f"data.{next(iter(bad))}"):
         RolloutDataModule(train_data=AdditionSource(), reward_funcs=[exact_match], **bad)
+
+
+def test_prompt_walk_is_disjoint_across_epochs_and_ranks():
+    """Within one pass over the data no prompt repeats, and ranks split each epoch's prompts."""
+    dm = RolloutDataModule(train_data=AdditionSource(num_problems=24, seed=5), reward_funcs=[exact_match],
+                           prompts_per_rollout=4)
+    seen = []
+    for epoch in range(6):  # 6 x 4 = 24 = one full pass
+        shards = []
+        for rank in range(2):
+            dm.trainer = type("T", (), {"global_rank": rank, "world_size": 2})()
+            shards.append([r["prompt"] for r in dm._rollout_rows(epoch)])
+        assert len(shards[0]) == len(shards[1]) == 2 and not set(shards[0]) & set(shards[1])
+        seen += shards[0] + shards[1]
+    assert len(set(seen)) == len(set(r["prompt"] for r in AdditionSource(num_problems=24, seed=5).rows()))
+    dm.trainer = type("T", (), {"global_rank": 0, "world_size": 3})()
+    with pytest.raises(ValueError, match="divisible by the number of ranks"):
+        dm._rollout_rows(0)

@@ -12,7 +12,7 @@ from callbacks.base import distributed, step_batch, step_diagnostics, tensorboar
 # Per-rank quantities that add up across ranks, and those whose global value is the largest one.
 SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "length_sum", "truncated",
             "zero_std_groups", "dropped_groups", "groups", "generated_tokens", "diff_count", "diff_sum",
-            "train_tokens")
+            "train_tokens", "tis_count", "tis_sum", "tis_capped")
 MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max")
 
 
@@ -102,6 +102,11 @@ class RolloutMonitor(L.Callback):
             diff = diff.double().cpu()
             sums.update(diff_count=float(diff.numel()), diff_sum=float(diff.sum()))
             maxes["diff_max"] = float(diff.max())
+        tis = getattr(stats, "is_weights", None)
+        if tis is not None and tis.numel():
+            tis = tis.double().cpu()
+            sums.update(tis_count=float(tis.numel()), tis_sum=float(tis.sum()),
+                        tis_capped=float((tis >= stats.is_cap * (1 - 1e-6)).sum()))
         return sums, maxes
 
     @staticmethod
@@ -146,6 +151,9 @@ class RolloutMonitor(L.Callback):
         if s["diff_count"] > 0:
             out["rollout/engine_logprob_diff_mean"] = s["diff_sum"] / s["diff_count"]
             out["rollout/engine_logprob_diff_max"] = m["diff_max"]
+        if s["tis_count"] > 0:
+            out["rollout/tis_weight_mean"] = s["tis_sum"] / s["tis_count"]
+            out["rollout/tis_capped_frac"] = s["tis_capped"] / s["tis_count"]
         if m["update_time"] > 0:
             out["perf/update_time_s"] = m["update_time"]
             out["perf/train_tokens_per_s"] = s["train_tokens"] / m["update_time"]

@@ -135,3 +135,22 @@ def test_prompt_walk_is_disjoint_across_epochs_and_ranks():
     dm.trainer = type("T", (), {"global_rank": 0, "world_size": 3})()
     with pytest.raises(ValueError, match="divisible by the number of ranks"):
         dm._rollout_rows(0)
+
+
+def test_tis_correction_becomes_per_token_advantages(tiny_model_dir):
+    """With the engine = trainer, the weights are 1 and the advantages unchanged; a token the
+    engine found 4x less likely than the trainer does gets weight min(4, cap=2) = 2."""
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=2, num_generations=4, tis_cap=2.0)
+    batch, stats = dm.rollout(epoch=0)
+    assert batch.advantages.shape == batch.completion_mask.shape
+    torch.testing.assert_close(stats.is_weights, torch.ones_like(stats.is_weights), atol=1e-4, rtol=0)
+    b = build_rollout_batch(prompt_ids=[[5]], completion_ids=[[1, 2]], pad_id=0, advantages=torch.tensor([0.5]),
+                            rewards=torch.zeros(1), engine_logprobs=[[-1.0 - torch.log(torch.tensor(4.0)).item(), -1.0]],
+                            temperature=1.0)
+    b.old_logprobs = torch.tensor([[-1.0, -1.0]])
+    w = dm._apply_tis(b)
+    torch.testing.assert_close(b.advantages, torch.tensor([[1.0, 0.5]]))
+    torch.testing.assert_close(w, torch.tensor([2.0, 1.0]))
+    dm.engine.return_logprobs = False
+    with pytest.raises(ValueError, match="return_logprobs"):
+        dm.rollout(epoch=1)

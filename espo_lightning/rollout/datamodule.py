@@ -22,6 +22,7 @@ from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.batch import RolloutBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
+from espo_lightning.rollout.mismatch import truncated_is_weights
 from espo_lightning.rollout.rewarding import combined_rewards
 from espo_lightning.rollout.stats import RolloutStats
 from espo_lightning.rollout.tensors import build_rollout_batch
@@ -69,6 +70,9 @@ class RolloutDataModule(L.LightningDataModule):
         system_prompt: System message used with the chat template.
         drop_zero_std_groups: Dynamic sampling: leave out groups whose rewards do not vary.
         mask_truncated: Exclude truncated completions from the loss.
+        tis_cap: Truncated importance sampling for the engine/trainer mismatch (off when null): each
+            token's loss term is weighted by ``min(pi_old / pi_engine, tis_cap)`` (folded into
+            per-token advantages). Needs an engine that returns log-probs.
         val_max_new_tokens: Budget for greedy validation (default: ``max_new_tokens``).
         val_batch_size: Prompts per validation step.
         num_samples_logged: Sample completions kept per rollout for the logs.
@@ -95,6 +99,7 @@ class RolloutDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         drop_zero_std_groups: bool = False,
         mask_truncated: bool = False,
+        tis_cap: float | None = None,
         val_max_new_tokens: int | None = None,
         val_batch_size: int = 64,
         num_samples_logged: int = 4,
@@ -109,6 +114,7 @@ class RolloutDataModule(L.LightningDataModule):
         _check(0 < top_p <= 1, "data.top_p", "must be in (0, 1]", top_p)
         _check(max_new_tokens >= 1, "data.max_new_tokens", "must be >= 1", max_new_tokens)
         _check(max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", max_prompt_length)
+        _check(tis_cap is None or tis_cap > 0, "data.tis_cap", "must be > 0 (or null to disable)", tis_cap)
         _check(val_batch_size >= 1, "data.val_batch_size", "must be >= 1", val_batch_size)
         if not reward_funcs:
             raise ConfigError("data.reward_funcs: give at least one reward function")
@@ -126,6 +132,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_prompt_length = max_prompt_length
         self.use_chat_template, self.system_prompt = use_chat_template, system_prompt
         self.drop_zero_std_groups, self.mask_truncated = drop_zero_std_groups, mask_truncated
+        self.tis_cap = tis_cap
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
         self.val_batch_size, self.num_samples_logged, self.seed = val_batch_size, num_samples_logged, seed
         self.last_rollout: RolloutStats | None = None
@@ -257,9 +264,11 @@ class RolloutDataModule(L.LightningDataModule):
         keep = torch.ones(len(batch), dtype=torch.bool)
         if self.drop_zero_std_groups:
             keep = ~zero_groups.repeat_interleave(G)
-        diff = None
+        diff = is_weights = None
         if batch.engine_logprobs is not None:
             diff = (batch.engine_logprobs - batch.old_logprobs).abs()[batch.completion_mask].float().cpu()
+        if self.tis_cap is not None:
+            is_weights = self._apply_tis(batch)
         stats = RolloutStats(
             epoch=epoch, rewards=rewards, correct=correct,
             response_lengths=torch.tensor([len(c) for c in gen.token_ids], dtype=torch.float32),
@@ -269,8 +278,21 @@ class RolloutDataModule(L.LightningDataModule):
             engine_logprob_diff=diff,
             samples=[{"prompt": prompts[i], "completion": completions[i],
                       "reward": None if rewards[i].isnan() else float(rewards[i])}
-                     for i in range(0, len(prompts), G)][: self.num_samples_logged])
+                     for i in range(0, len(prompts), G)][: self.num_samples_logged],
+            is_weights=is_weights, is_cap=self.tis_cap or 0.0)
         return self._apply_dynamic_sampling(batch, keep), stats
+
+    def _apply_tis(self, batch: RolloutBatch) -> torch.Tensor:
+        """Weight each token by min(pi_old / pi_engine, cap). A positive, detached weight on a token's
+        term equals scaling its advantage (the clip decisions depend only on the sign of A), so the
+        correction becomes per-token advantages and every loss supports it unchanged."""
+        if batch.engine_logprobs is None:
+            raise ConfigError("data.tis_cap needs the rollout engine's log-probs: set "
+                              "data.engine.init_args.return_logprobs: true")
+        w = truncated_is_weights(batch.old_logprobs, batch.engine_logprobs, batch.completion_mask, self.tis_cap)
+        adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(1)
+        batch.advantages = adv * w  # [B, Lc]
+        return w[batch.completion_mask].float().cpu()
 
     def _correct(self, prompts, completions, columns) -> torch.Tensor:
         values = self.accuracy_reward(prompts=prompts, completions=completions, **columns)

@@ -25,6 +25,8 @@ class RolloutStats:
     generated_tokens: int
     engine_logprob_diff: torch.Tensor | None = None  # [n_tokens] |engine - trainer| log-prob
     samples: list[dict] = field(default_factory=list)  # a few {prompt, completion, reward}
+    is_weights: torch.Tensor | None = None  # [n_tokens] truncated IS weights, when the correction is on
+    is_cap: float = 0.0
 
     @property
     def reward_mean(self) -> float:

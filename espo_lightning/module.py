@@ -161,9 +161,11 @@ class PolicyModule(L.LightningModule):
             logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
             mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
             group_ids=batch.group_ids)
-        self.log("loss/policy", loss.detach(), prog_bar=False, batch_size=len(batch))
+        # Mean over ranks (a no-op on one): with equal minibatches per rank, the loss that the
+        # averaged gradients descend, not rank 0's share of it.
+        self.log("loss/policy", loss.detach(), prog_bar=False, batch_size=len(batch), sync_dist=True)
         if "kl/mean" in metrics:
-            self.log("loss/kl", metrics["kl/mean"], batch_size=len(batch))
+            self.log("loss/kl", metrics["kl/mean"], batch_size=len(batch), sync_dist=True)
         rollout = getattr(self.trainer.datamodule, "last_rollout", None) if self._trainer else None
         if rollout is not None and batch_idx == 0:
             self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)
@@ -183,7 +185,7 @@ class PolicyModule(L.LightningModule):
             if self.logger is not None and self.trainer.is_global_zero:
                 self.logger.log_metrics({"val/accuracy": accuracy.item()}, step=self.global_step)
         else:
-            self.log("val/accuracy", accuracy, prog_bar=True)
+            self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)  # already global: a no-op mean
 
     # ----- checkpoints and export -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

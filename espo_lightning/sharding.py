@@ -19,6 +19,15 @@ def shard_models(module) -> None:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if module.device_mesh["tensor_parallel"].size() != 1:
+        # Only the data-parallel dimension is used: every rank trains on its own rollout share, so a
+        # tensor-parallel dimension would hold ranks whose gradients are never averaged.
+        from espo_lightning.errors import ConfigError
+
+        sizes = dict(zip(module.device_mesh.mesh_dim_names, module.device_mesh.shape))
+        raise ConfigError("trainer.strategy: set ModelParallelStrategy's tensor_parallel_size to 1 and "
+                          f"data_parallel_size to the number of ranks (nodes x devices), got {sizes} (the "
+                          "'auto' defaults make tensor_parallel_size the devices per node)")
     mesh = module.device_mesh["data_parallel"]
     precision = str(module.trainer.precision)
     mp = None
@@ -37,10 +46,21 @@ def shard_models(module) -> None:
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+    if module.reference is not None:
+        # The frozen reference is reloaded from its checkpoint, never saved. Dropping it in
+        # on_save_checkpoint is not enough here: resuming loads a distributed checkpoint into the
+        # module's state dict, which then asks for keys the checkpoint does not have.
+        module.register_state_dict_post_hook(_drop_reference)
+
+
+def _drop_reference(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "reference.")]:
+        del state_dict[key]
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on CPU; a collective under FSDP2, so every rank must call it."""
+    """The full (unsharded) state dict on CPU. Under FSDP2 it is a collective (every rank must call
+    it) and only rank 0 receives the tensors; the other ranks get an empty dict."""
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):

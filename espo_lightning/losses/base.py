@@ -7,6 +7,7 @@ Conventions (DESIGN sections 2 and 3): inputs are ``[B, T]`` float32/float64 ten
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import NamedTuple
 
@@ -140,7 +141,7 @@ def policy_metrics(
     }
 
 
-class PolicyLoss(torch.nn.Module):
+class PolicyLoss(torch.nn.Module, metaclass=abc.ABCMeta):
     """Base class of the policy losses: KL handling, the rollout hook and the shared contract.
 
     Subclasses implement ``forward(*, logprobs, old_logprobs, advantages, mask, entropies=None,
@@ -179,6 +180,7 @@ class PolicyLoss(torch.nn.Module):
     def set_vocab_size(self, v: int) -> None:
         """Tell the loss the vocabulary size (ESPO normalises entropies by log V); a no-op here."""
 
+    @abc.abstractmethod
     def forward(
         self,
         *,
@@ -203,7 +205,6 @@ class PolicyLoss(torch.nn.Module):
             group_ids: ``[B, T]`` output of ``prepare`` for this minibatch's rows (ESPO); computed
                 on the fly when None.
         """
-        raise NotImplementedError
 
     def kl_penalty(
         self, logp: Tensor, ref_logprobs: Tensor | None, mask: Tensor, weights: Tensor

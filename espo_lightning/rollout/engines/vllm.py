@@ -47,6 +47,21 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
+class _QuietReload(logging.Filter):
+    """Drops the lines vLLM prints on every in-place weight reload (one rollout each): the notice
+    that rotary embeddings have no weights to load, and the reload/prefix-cache timings."""
+
+    NOISE = ("Failed to load weights", "Reloading and processing weights took", "Successfully reset prefix cache")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.NOISE)
+
+
+# The vLLM modules that log on every weight reload (vLLM 0.32); names that do not exist are harmless.
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                   "vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
+
+
 def _import_vllm():
     try:
         import vllm
@@ -55,6 +70,10 @@ def _import_vllm():
             "VLLMEngine needs vLLM, which is not installed (or fails to import: "
             f"{err}). Install it with pip install -e '.[vllm]' on GPU or make setup-vllm-cpu on CPU, "
             "or use espo_lightning.rollout.engines.HFEngine.") from err
+    for name in _RELOAD_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietReload) for f in logger.filters):
+            logger.addFilter(_QuietReload())
     return vllm
 
 

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (and the matching CUDA wheel elsewhere) instead of resolving a newer multi-GB build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench plots clean
+.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,9 @@ quickstart-fsdp: setup
 bench: setup
 	$(PY) benchmarks/loss_speed.py
 	$(PY) benchmarks/logprob_memory.py
+
+bench-vllm: setup-vllm-cpu
+	$(PY) benchmarks/vllm_engine_overhead.py
 
 clean:
 	rm -rf $(VENV) .cache runs lightning_logs

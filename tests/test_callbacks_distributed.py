@@ -10,7 +10,7 @@ import pytest
 
 from callbacks import (AdvantageHistogram, ClipFractionMonitor, EntropyGroupMonitor, GradientUtilizationMonitor,
                        RolloutMonitor)
-from test_callbacks import RecordingLogger, ToyData, ToyModule, fit
+from callback_toys import RecordingLogger, ToyData, ToyModule, fit
 
 # Numbers that legitimately differ: wall times, and the gradient (DDP averages per-rank gradients of
 # per-rank losses, which is not the gradient of the merged batch's loss).

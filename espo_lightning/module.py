@@ -211,4 +211,5 @@ def _check_optimizer(factory) -> None:
     try:
         factory([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"model.optimizer: {err}") from err
+        hint = " (model.optimizer.init_args.lr must be >= 0)" if "learning rate" in str(err) else ""
+        raise ConfigError(f"model.optimizer: {err}{hint}") from err

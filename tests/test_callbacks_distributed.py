@@ -80,6 +80,8 @@ def _fsdp2_grad_norm_worker(rank: int, world: int, port: int, out: str) -> None:
             with open(out, "w") as f:
                 json.dump({"dtensor_grads": isinstance(model[0].weight.grad, DTensor),
                            "sharded": float(sharded), "full": float(full)}, f)
+        # No rank tears gloo down while the other still talks to it (an abort at exit otherwise).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

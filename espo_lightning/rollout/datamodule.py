@@ -23,7 +23,7 @@ from espo_lightning.rollout.batch import RolloutBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
 from espo_lightning.rollout.mismatch import truncated_is_weights
-from espo_lightning.rollout.rewarding import combined_rewards
+from espo_lightning.rollout.rewarding import combined_rewards, score_completions
 from espo_lightning.rollout.stats import RolloutStats
 from espo_lightning.rollout.tensors import build_rollout_batch
 
@@ -244,8 +244,12 @@ class RolloutDataModule(L.LightningDataModule):
         completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        rewards = rewards_to_tensor(combined_rewards(self.reward_funcs, self.reward_weights, prompts, completions, columns))
-        correct = self._correct(prompts, completions, columns)
+        per_func = score_completions(self.reward_funcs, prompts, completions, columns)
+        rewards = rewards_to_tensor(combined_rewards(self.reward_funcs, self.reward_weights, prompts, completions,
+                                                     columns, per_func))
+        # The accuracy reward is usually one of the reward functions: reuse its scores, don't verify twice.
+        known = next((v for f, v in zip(self.reward_funcs, per_func) if f is self.accuracy_reward), None)
+        correct = self._correct(prompts, completions, columns, known)
         advantages = group_advantages(rewards, G)
 
         batch = build_rollout_batch(
@@ -294,8 +298,9 @@ class RolloutDataModule(L.LightningDataModule):
         batch.advantages = adv * w  # [B, Lc]
         return w[batch.completion_mask].float().cpu()
 
-    def _correct(self, prompts, completions, columns) -> torch.Tensor:
-        values = self.accuracy_reward(prompts=prompts, completions=completions, **columns)
+    def _correct(self, prompts, completions, columns, values=None) -> torch.Tensor:
+        if values is None:
+            values = self.accuracy_reward(prompts=prompts, completions=completions, **columns)
         return torch.tensor([1.0 if v is not None and v >= 1.0 - 1e-6 else 0.0 for v in values])
 
     def _apply_dynamic_sampling(self, batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:

@@ -55,7 +55,7 @@ def _row_chunks(rows: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
     return list(zip(*(t.split(rows) for t in flat)))
 
 
-def _shifted(chunk: Tensor, temperature: float) -> Tensor:
+def shifted_logits(chunk: Tensor, temperature: float) -> Tensor:
     """``(chunk - max) / temperature`` as a new fp32 ``[c, V]`` buffer (the only full-chunk one).
 
     Copy-then-subtract in place: a mixed-dtype ``bf16 - fp32`` would first build an fp32 copy of its
@@ -69,13 +69,20 @@ def _shifted(chunk: Tensor, temperature: float) -> Tensor:
     return z.clamp_min_(torch.finfo(z.dtype).min)
 
 
-def _chunk_logprobs_and_entropy(chunk: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """fp32 log-prob of ``targets`` and entropy (nats) for one ``[c, V]`` chunk, two fp32 buffers."""
-    z = _shifted(chunk, temperature)  # [c, V]
+def chunk_logprobs_and_entropy(chunk: Tensor, targets: Tensor, temperature: float,
+                               with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """fp32 log-prob of ``targets`` and entropy (nats, or None) for one ``[c, V]`` chunk of logits.
+
+    Every path (no-grad scoring, the differentiable policy pass, logits or fused head) computes the
+    log-prob with these same operations, so the old policy's log-probs and the first on-policy pass's
+    are bit-identical. Two fp32 buffers with the entropy, one without."""
+    z = shifted_logits(chunk, temperature)  # [c, V]
     z_target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
-    e = torch.exp(z)  # [c, V]
+    e = torch.exp(z) if with_entropy else z.exp_()  # [c, V]
     total = e.sum(-1)  # [c]
     lse = torch.log(total)  # [c] log-sum-exp of z
+    if not with_entropy:
+        return z_target - lse, None
     # H = -sum p log p = lse - sum p z with p = e / total (in place: no third buffer).
     entropy = lse - e.mul_(z).sum(-1) / total
     return z_target - lse, entropy
@@ -97,7 +104,7 @@ def token_logprobs_and_entropy(
     logp = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)  # [B, T]
     entropy = torch.empty_like(logp)  # [B, T]
     for chunk, tgt, logp_out, entropy_out in _row_chunks(rows, logits, targets.long(), logp, entropy):
-        logp_out[:], entropy_out[:] = _chunk_logprobs_and_entropy(chunk, tgt, temperature)
+        logp_out[:], entropy_out[:] = chunk_logprobs_and_entropy(chunk, tgt, temperature)
     return logp, entropy
 
 
@@ -115,9 +122,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, rows: int) -> Tensor:
         logp = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)  # [B, T]
         for chunk, tgt, out in _row_chunks(rows, logits, targets, logp):
-            z = _shifted(chunk, temperature)  # [c, V], one fp32 buffer reused in place below
-            z_target = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [c]
-            out[:] = z_target - z.exp_().sum(-1).log()
+            out[:] = chunk_logprobs_and_entropy(chunk, tgt, temperature, with_entropy=False)[0]
         ctx.save_for_backward(logits, targets)
         ctx.temperature, ctx.rows = temperature, rows
         return logp
@@ -131,7 +136,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for chunk, tgt, g, grad_chunk in _row_chunks(ctx.rows, logits, targets, grad_logp, grad):
             # d logp(target) / d logit_j = (onehot_j(target) - softmax_j(logits / tau)) / tau
             g = g.float().unsqueeze(-1) / temperature  # [c, 1]
-            probs = _shifted(chunk, temperature).exp_()  # [c, V] unnormalised, in place
+            probs = shifted_logits(chunk, temperature).exp_()  # [c, V] unnormalised, in place
             probs.mul_(-g / probs.sum(-1, keepdim=True))  # -softmax * g / tau
             grad_chunk.copy_(probs.scatter_add_(-1, tgt.unsqueeze(-1), g))
         return grad, None, None, None

@@ -1,10 +1,15 @@
 """The LightningModule: a policy, an optional frozen reference model, and a policy loss.
 
-``training_step`` takes one typed rollout minibatch (``RolloutBatch``) and returns the loss plus the
-loss's diagnostics; callbacks in ``callbacks/`` read those from the step output (see
-``callbacks/base.py`` for the contract)."""
+``training_step`` takes one typed rollout minibatch (``RolloutBatch``) and makes one optimizer step
+on it: the minibatch is split into micro-batches (``model.micro_batch_size``,
+``model.max_tokens_per_micro_batch``) whose gradients accumulate, each loss divided by the whole
+minibatch's counts over all ranks, so the step is the same as one pass over the minibatch. It
+returns the loss plus the loss's diagnostics for the whole minibatch; callbacks in ``callbacks/``
+read those from the step output (see ``callbacks/base.py`` for the contract)."""
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Callable, Literal
 
 import lightning as L
@@ -14,8 +19,10 @@ from torchmetrics import MeanMetric
 
 from espo_lightning.errors import ConfigError
 from espo_lightning.losses import ESPOLoss, PolicyLoss
-from espo_lightning.rollout.batch import RolloutBatch
-from espo_lightning.scoring import sequence_logprobs, sequence_logprobs_and_entropy
+from espo_lightning.losses.base import Normalizer
+from espo_lightning.micro_batches import plan_micro_batches
+from espo_lightning.rollout.batch import RolloutBatch, ServedBatch, unwrap
+from espo_lightning.scoring import TokenScorer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,8 +49,23 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         attn_implementation: Passed to ``from_pretrained`` (e.g. "sdpa", "flash_attention_2").
         trust_remote_code: Passed to ``from_pretrained``.
-        logprob_chunk_size: Rows of the [tokens, V] logits processed at a time when computing log-probs.
-        scoring_batch_size: Sequences per no-grad forward pass when scoring a rollout.
+        micro_batch_size: Responses per forward/backward pass on a rank; one optimizer step still
+            covers the whole minibatch (``data.minibatch_size``), with gradients accumulated over its
+            micro-batches and the loss normalised over the whole minibatch. None: no limit.
+        max_tokens_per_micro_batch: Padded tokens (responses x width) per forward/backward pass:
+            responses sorted by length are packed up to this budget, each micro-batch trimmed to its
+            own longest sequence. Combines with ``micro_batch_size``; None: no limit. Old-policy
+            scoring uses the same micro-batches.
+        logprob_chunk_size: Token positions per chunk of ``[chunk, V]`` logits when computing
+            log-probs and entropies (the fused head's peak is about 3 fp32 chunks).
+        fused_lm_head: Compute log-probs and entropies from the final hidden states in chunks
+            (never materialising ``[B, T, V]`` logits); models whose head cannot be reached fall
+            back to the logits path with a log line. False always uses the logits path.
+        disable_dropout: Set every dropout probability of the policy to 0 (as TRL does), so that
+            old-policy scoring and the training passes compute the same function.
+        defer_grad_sync: Under DDP/FSDP2, reduce gradients over ranks only on the last micro-batch
+            of a step. With FSDP2 this keeps full (unsharded) gradients between micro-batches;
+            False reduce-scatters after every micro-batch instead (less memory, more communication).
         export_dir: If set, the trained policy and tokenizer are saved there (``save_pretrained``)
             when fit ends; transformers and vLLM load the folder directly. A relative path is taken
             inside the run's log folder (next to its checkpoints and config.yaml).
@@ -61,14 +83,20 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
         logprob_chunk_size: int = 4096,
-        scoring_batch_size: int = 64,
+        fused_lm_head: bool = True,
+        disable_dropout: bool = True,
+        defer_grad_sync: bool = True,
         export_dir: str | None = None,
     ):
         super().__init__()
-        for key, value in (("logprob_chunk_size", logprob_chunk_size), ("scoring_batch_size", scoring_batch_size)):
-            if value < 1:
-                raise ConfigError(f"model.{key} must be >= 1, got {value}")
+        for key, value in (("logprob_chunk_size", logprob_chunk_size), ("micro_batch_size", micro_batch_size),
+                           ("max_tokens_per_micro_batch", max_tokens_per_micro_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model.{key} must be an integer >= 1{'' if key == 'logprob_chunk_size' else ' or null'}, "
+                                  f"got {value!r}")
         self.model_name_or_path = model_name_or_path
         self.loss_fn = loss if loss is not None else ESPOLoss()
         self.optimizer_factory = optimizer
@@ -79,8 +107,11 @@ class PolicyModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
-        self.logprob_chunk_size = logprob_chunk_size
-        self.scoring_batch_size = scoring_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.scorer = TokenScorer(logprob_chunk_size, fused_head=fused_lm_head)
+        self.disable_dropout = disable_dropout
+        self.defer_grad_sync = defer_grad_sync
         self.export_dir = export_dir
         self.policy = None
         self.reference = None
@@ -116,6 +147,8 @@ class PolicyModule(L.LightningModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.policy = self._load(self.model_name_or_path).train()  # from_pretrained returns eval mode
+        if self.disable_dropout:
+            _disable_dropout(self.policy)
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(self.loss_fn, "vocab_size", 1) is None:
@@ -132,44 +165,147 @@ class PolicyModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
+    # ----- precision and micro-batches -------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # One optimizer step per minibatch, accumulated over micro-batches, needs manual
+        # optimization. Lightning refuses trainer.gradient_clip_val under manual optimization when
+        # fit starts (before this hook), so the switch happens here and on_before_optimizer_step
+        # applies the trainer's clipping setting itself: it keeps its usual meaning in the configs.
+        self.automatic_optimization = False
+
+    def precision_context(self):
+        """The precision context ``training_step`` runs in (autocast under bf16-mixed, the default
+        dtype under bf16-true), for the passes outside it: old-policy scoring and HF generation."""
+        return self.trainer.precision_plugin.train_step_context() if self._trainer is not None else nullcontext()
+
+    def micro_batches(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        """Row indices of each micro-batch of ``batch`` (CPU long tensors)."""
+        prompt_lengths = batch.attention_mask[:, : batch.prompt_length].sum(-1)
+        completion_lengths = batch.attention_mask[:, batch.prompt_length :].sum(-1)
+        return plan_micro_batches(prompt_lengths, completion_lengths, self.micro_batch_size,
+                                  self.max_tokens_per_micro_batch)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     # ----- rollout scoring (called by the DataModule, no grad) ---------------------------------
     @torch.no_grad()
-    def score_rollout(self, batch: RolloutBatch) -> RolloutBatch:
-        """Fill in old log-probs, entropies, reference log-probs and ESPO's entropy groups."""
-        lc = batch.completion_mask.shape[1]
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            batch.old_logprobs, batch.entropies = sequence_logprobs_and_entropy(
-                self.policy, batch.input_ids, batch.attention_mask, lc, batch.temperature,
-                self.logprob_chunk_size, self.scoring_batch_size)
-            if self.reference is not None:
-                batch.ref_logprobs, _ = sequence_logprobs_and_entropy(
-                    self.reference, batch.input_ids, batch.attention_mask, lc, batch.temperature,
-                    self.logprob_chunk_size, self.scoring_batch_size)
-        finally:
-            self.policy.train(was_training)
+    def score_rollout(self, batch: RolloutBatch, minibatches: list[torch.Tensor] | None = None) -> RolloutBatch:
+        """Fill in old log-probs, entropies, reference log-probs and ESPO's entropy groups.
+
+        ``minibatches``: the row indices of the first pass's minibatches (default: one of all rows).
+        Each is scored in the micro-batches ``training_step`` will cut from it, under the same
+        precision context and in train mode: the first on-policy pass then computes bit-identical
+        log-probs (ratio exactly 1), which it would not if the shapes differed."""
+        minibatches = [torch.arange(len(batch))] if minibatches is None else minibatches
+        old = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
+        entropies, ref = torch.zeros_like(old), (torch.zeros_like(old) if self.reference is not None else None)
+        with self.precision_context():
+            for rows in minibatches:
+                rows = rows.to(batch.input_ids.device)
+                minibatch = batch.select(rows).trimmed()
+                for micro_rows in self.micro_batches(minibatch):
+                    micro = minibatch.select(micro_rows.to(rows.device)).trimmed()
+                    target, width = rows[micro_rows.to(rows.device)], micro.completion_mask.shape[1]
+                    lp, ent = self.scorer.logprobs_and_entropy(self.policy, micro)
+                    old[target, :width], entropies[target, :width] = lp, ent
+                    if ref is not None:
+                        ref[target, :width] = self.scorer.logprobs_and_entropy(self.reference, micro)[0]
+        batch.old_logprobs, batch.entropies, batch.ref_logprobs = old, entropies, ref
         batch.group_ids = self.loss_fn.prepare(batch.entropies, batch.completion_mask)
         return batch
 
     # ----- training ---------------------------------------------------------------------------
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict:
-        lc = batch.completion_mask.shape[1]
-        logprobs = sequence_logprobs(self.policy, batch.input_ids, batch.attention_mask, lc,
-                                     batch.temperature, self.logprob_chunk_size)
-        loss, metrics = self.loss_fn(
-            logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
-            mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
-            group_ids=batch.group_ids)
-        # Mean over ranks (a no-op on one): with equal minibatches per rank, the loss that the
-        # averaged gradients descend, not rank 0's share of it.
-        self.log("loss/policy", loss.detach(), prog_bar=False, batch_size=len(batch), sync_dist=True)
+    def training_step(self, batch: RolloutBatch | ServedBatch, batch_idx: int) -> dict:
+        batch = unwrap(batch)
+        counts = self._global_counts(batch.completion_mask)
+        plan = self._equalised(self.micro_batches(batch))
+        # DDP and FSDP2 average gradients over ranks; every rank's loss is already divided by the
+        # global counts, so the sum over ranks is the loss whose gradient the step should take.
+        scale = float(self._world_size())
+        logprobs = torch.zeros_like(batch.old_logprobs)  # [B, Lc] detached, for the minibatch's metrics
+        loss_sum = torch.zeros((), device=batch.old_logprobs.device)
+        for k, (rows, padding) in enumerate(plan):
+            rows = rows.to(batch.input_ids.device)
+            micro = batch.select(rows).trimmed()
+            if padding:  # see _equalised: no valid token, zero gradient
+                micro.completion_mask = torch.zeros_like(micro.completion_mask)
+            logp = self.scorer.logprobs(self.policy, micro)
+            loss, _ = self.loss_fn(
+                logprobs=logp, old_logprobs=micro.old_logprobs, advantages=micro.advantages,
+                mask=micro.completion_mask, entropies=micro.entropies, ref_logprobs=micro.ref_logprobs,
+                group_ids=micro.group_ids, normalizer=counts)
+            with self._gradient_sync(k == len(plan) - 1):
+                self.manual_backward(loss * scale)
+            if not padding:
+                logprobs[rows, : logp.shape[1]] = logp.detach()
+            loss_sum += loss.detach()
+        with torch.no_grad():  # the minibatch's diagnostics, exactly as one pass over it would give
+            _, metrics = self.loss_fn(
+                logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
+                mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
+                group_ids=batch.group_ids)
+        self._optimizer_step(stepped=bool(counts.tokens > 0))
+        # Each rank holds its share of the global loss: their sum is the minibatch's loss.
+        self.log("loss/policy", loss_sum, batch_size=len(batch), sync_dist=True, reduce_fx="sum")
         if "kl/mean" in metrics:
             self.log("loss/kl", metrics["kl/mean"], batch_size=len(batch), sync_dist=True)
         rollout = getattr(self.trainer.datamodule, "last_rollout", None) if self._trainer else None
         if rollout is not None and batch_idx == 0:
             self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)
-        return {"loss": loss, "metrics": metrics, "batch": batch}
+        return {"loss": loss_sum, "metrics": metrics, "batch": batch}
+
+    def _global_counts(self, mask: torch.Tensor) -> Normalizer:
+        """Responses with a valid token and valid tokens of the minibatch, summed over ranks."""
+        local = torch.stack(Normalizer.of(mask))  # [2]
+        if self._world_size() > 1:
+            local = self.trainer.strategy.reduce(local, reduce_op="sum")
+        return Normalizer(local[0], local[1])
+
+    def _equalised(self, plan: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
+        """``(rows, padding)`` per pass, padded to the largest number of micro-batches of any rank:
+        sharded models run collectives in every forward and backward, so every rank must make the
+        same passes (a token budget can cut ranks' minibatches into different numbers). A padding
+        pass re-reads row 0 with its mask cleared: it contributes nothing to loss or gradient."""
+        passes = [(rows, False) for rows in plan]
+        if self._world_size() == 1:
+            return passes
+        most = int(self.trainer.strategy.reduce(torch.tensor(float(len(plan)), device=self.device), reduce_op="max"))
+        return passes + [(torch.zeros(1, dtype=torch.long), True)] * (most - len(plan))
+
+    @contextmanager
+    def _gradient_sync(self, sync: bool):
+        """Reduce gradients over ranks only on the last micro-batch (``defer_grad_sync``)."""
+        if sync or not self.defer_grad_sync or self._world_size() == 1:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.policy, FSDPModule):
+            self.policy.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.policy.set_requires_gradient_sync(True)
+        else:
+            with self.trainer.strategy.block_backward_sync():  # DDP's no_sync
+                yield
+
+    def _optimizer_step(self, stepped: bool) -> None:
+        """One optimizer (and step-interval scheduler) step, unless no rank had a valid token: then
+        the gradient is zero and AdamW would still move on momentum alone."""
+        optimizer = self.optimizers()
+        if stepped:
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After the callbacks' hooks (they see the unclipped gradients, as under automatic optimization).
+        if self.trainer.gradient_clip_val:
+            self.clip_gradients(optimizer)
 
     # ----- validation: greedy accuracy on held-out prompts -------------------------------------
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
@@ -197,8 +333,6 @@ class PolicyModule(L.LightningModule):
         if self.export_dir:
             from espo_lightning.export import export_policy
 
-            from pathlib import Path
-
             target = Path(self.export_dir)
             if not target.is_absolute() and self.trainer.log_dir:
                 target = Path(self.trainer.log_dir) / target
@@ -213,3 +347,14 @@ def _check_optimizer(factory) -> None:
     except (ValueError, TypeError) as err:
         hint = " (model.optimizer.init_args.lr must be >= 0)" if "learning rate" in str(err) else ""
         raise ConfigError(f"model.optimizer: {err}{hint}") from err
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability to 0: ``nn.Dropout`` modules and the float rates that attention
+    implementations read from their module (``attention_dropout``, applied only in train mode)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "dropout_rate", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)

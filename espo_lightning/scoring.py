@@ -1,11 +1,21 @@
 """Forward passes of the policy (or reference) over rollout sequences: per-token log-probs of the
-sampled completion tokens, and the old policy's entropies. Only the completion positions' logits
-are materialised (``logits_to_keep``), and log-softmax runs in chunks (``espo_lightning.logprobs``)."""
+sampled completion tokens, and the old policy's entropies.
+
+``TokenScorer`` is what the trainer uses: it goes through the fused LM head
+(``espo_lightning.lm_head``: no ``[B, T, V]`` logits, only valid completion positions reach the
+head) and falls back to the logits path below for a model whose head it cannot reach, with one log
+line. The logits path keeps only the completion positions' logits (``logits_to_keep``) and runs
+log-softmax in chunks (``espo_lightning.logprobs``)."""
 from __future__ import annotations
+
+import logging
 
 import torch
 
+from espo_lightning.lm_head import HeadNotReached, fused_completion_stats, fusion_blocker
 from espo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+
+log = logging.getLogger(__name__)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -23,7 +33,7 @@ def completion_logits(model, input_ids, attention_mask, completion_len: int) -> 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_len: int, temperature: float,
                       chunk_size: int) -> torch.Tensor:
-    """Log-prob (with grad) of each completion token under ``model``: ``[B, Lc]`` float32."""
+    """Log-prob (with grad) of each completion token under ``model``, logits path: ``[B, Lc]`` float32."""
     logits = completion_logits(model, input_ids, attention_mask, completion_len)
     return token_logprobs(logits, input_ids[:, -completion_len:], temperature=temperature, chunk_size=chunk_size)
 
@@ -31,7 +41,7 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_len: int, tem
 @torch.no_grad()
 def sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_len: int, temperature: float,
                                   chunk_size: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Old-policy scoring without grad in micro-batches: log-probs and entropies, ``[B, Lc]`` each."""
+    """Scoring without grad in micro-batches, logits path: log-probs and entropies, ``[B, Lc]`` each."""
     logps, ents = [], []
     for start in range(0, input_ids.shape[0], micro_batch_size):
         sl = slice(start, start + micro_batch_size)
@@ -41,3 +51,63 @@ def sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_l
         logps.append(lp)
         ents.append(ent)
     return torch.cat(logps), torch.cat(ents)
+
+
+class TokenScorer:
+    """Log-probs (and entropies) of completion tokens through the fused head, else the logits path.
+
+    Args:
+        chunk_size: token positions per chunk of ``[c, V]`` logits (both paths).
+        fused_head: try the fused LM head first; False always uses the logits path.
+    """
+
+    def __init__(self, chunk_size: int, fused_head: bool = True) -> None:
+        self.chunk_size = chunk_size
+        self.fused_head = fused_head
+        self._blocked: dict[int, str] = {}  # id(model) -> why it cannot be fused
+
+    def _fusable(self, model) -> bool:
+        if not self.fused_head:
+            return False
+        key = id(model)
+        if key not in self._blocked:
+            reason = fusion_blocker(model)
+            self._blocked[key] = reason or ""
+            if reason:
+                self._log_fallback(model, reason)
+        return not self._blocked[key]
+
+    def _log_fallback(self, model, reason: str) -> None:
+        self._blocked[id(model)] = reason
+        log.warning("fused LM head off for %s: %s; computing log-probs from [B, T, V] logits instead "
+                    "(more memory: see README, 'Memory of a training step')", type(model).__name__, reason)
+
+    def _fused(self, model, batch, with_entropy: bool):
+        try:
+            return fused_completion_stats(model, batch.input_ids, batch.attention_mask,
+                                          position_ids(batch.attention_mask), batch.completion_mask,
+                                          batch.temperature, self.chunk_size, with_entropy)
+        except HeadNotReached as err:
+            self._log_fallback(model, str(err))
+            return None
+
+    def logprobs(self, model, batch) -> torch.Tensor:
+        """Differentiable log-probs ``[B, Lc]`` (fp32) of ``batch``'s completion tokens; 0 off-mask
+        on the fused path (the losses ignore off-mask values)."""
+        if self._fusable(model):
+            out = self._fused(model, batch, with_entropy=False)
+            if out is not None:
+                return out[0]
+        lc = batch.completion_mask.shape[1]
+        return sequence_logprobs(model, batch.input_ids, batch.attention_mask, lc, batch.temperature, self.chunk_size)
+
+    @torch.no_grad()
+    def logprobs_and_entropy(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies ``[B, Lc]`` (fp32) without grad, in one pass over ``batch``."""
+        if self._fusable(model):
+            out = self._fused(model, batch, with_entropy=True)
+            if out is not None:
+                return out
+        lc = batch.completion_mask.shape[1]
+        return sequence_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, lc, batch.temperature,
+                                             self.chunk_size, max(1, batch.input_ids.shape[0]))

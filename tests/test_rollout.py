@@ -78,19 +78,6 @@ def test_minibatches_cover_each_rollout_once_per_ppo_epoch(tiny_model_dir):
     assert sorted(first_pass.nan_to_num(-1).tolist()) == sorted(batch.rewards.nan_to_num(-1).tolist())
 
 
-def test_training_step_returns_loss_metrics_and_batch(tiny_model_dir):
-    module, dm = _setup(tiny_model_dir, prompts_per_rollout=2, num_generations=4)
-    batch, _ = dm.rollout(epoch=0)
-    batch.advantages = torch.linspace(-1, 1, len(batch))  # force a learning signal
-    module.log = lambda *a, **k: None  # no trainer attached here; logging is covered by the fit tests
-    out = module.training_step(batch, 0)
-    assert set(out) == {"loss", "metrics", "batch"} and out["loss"].requires_grad
-    out["loss"].backward()
-    grads = [p.grad for p in module.policy.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert 0.0 <= float(out["metrics"]["clip/total"]) <= 1.0
-
-
 def test_dynamic_sampling_and_truncation_masking(tiny_model_dir):
     module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4, minibatch_size=4,
                         drop_zero_std_groups=True, mask_truncated=True)

@@ -46,6 +46,34 @@ def check_range(
         raise ValueError(f"{owner}: {name} must be in {left}{lo}, {hi}{right}, got {value!r}")
 
 
+class Normalizer(NamedTuple):
+    """The counts a loss divides by, when they are not the ones of the rows it is given.
+
+    A minibatch split into micro-batches (and over ranks) is one optimizer step: every loss term must
+    be divided by the *minibatch's* counts, summed over all ranks, so that the micro-batch losses add
+    up to the whole minibatch's loss (DAPO's and CISPO's token means become the global token mean on
+    any number of ranks). ``Normalizer.of(mask)`` gives the counts of a mask; sum them over ranks."""
+
+    responses: Tensor  # [] responses with at least one valid token
+    tokens: Tensor  # [] valid tokens
+
+    @staticmethod
+    def of(mask: Tensor) -> "Normalizer":
+        mask = mask.bool()
+        return Normalizer(mask.any(-1).sum().float(), mask.sum().float())
+
+
+def denominators(x: "LossInputs", normalizer: Normalizer | None) -> tuple[Tensor, Tensor]:
+    """``(responses, tokens)`` to divide by, in the loss dtype and >= 1: the normalizer's when given,
+    else the counts of ``x.mask`` (responses with >= 1 valid token, valid tokens)."""
+    if normalizer is None:
+        responses = (x.maskf.sum(-1) > 0).sum().to(x.maskf.dtype)
+        tokens = x.maskf.sum()
+    else:
+        responses, tokens = (v.to(device=x.maskf.device, dtype=x.maskf.dtype) for v in normalizer)
+    return responses.clamp_min(1), tokens.clamp_min(1)
+
+
 class LossInputs(NamedTuple):
     """Inputs after validation, with everything off-mask zeroed so padding (which may hold garbage
     or NaN) can never leak into a loss value or a gradient."""
@@ -145,7 +173,7 @@ class PolicyLoss(torch.nn.Module, metaclass=abc.ABCMeta):
     """Base class of the policy losses: KL handling, the rollout hook and the shared contract.
 
     Subclasses implement ``forward(*, logprobs, old_logprobs, advantages, mask, entropies=None,
-    ref_logprobs=None, group_ids=None) -> (loss, metrics)``.
+    ref_logprobs=None, group_ids=None, normalizer=None) -> (loss, metrics)``.
     """
 
     #: Whether ``forward`` reads the old policy's entropies (the trainer computes them only then).
@@ -191,6 +219,7 @@ class PolicyLoss(torch.nn.Module, metaclass=abc.ABCMeta):
         entropies: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         group_ids: Tensor | None = None,
+        normalizer: Normalizer | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss to minimise (a scalar) and a dict of detached scalar metrics.
 
@@ -204,6 +233,9 @@ class PolicyLoss(torch.nn.Module, metaclass=abc.ABCMeta):
             ref_logprobs: ``[B, T]`` reference-policy log-probs (needed when ``beta > 0``).
             group_ids: ``[B, T]`` output of ``prepare`` for this minibatch's rows (ESPO); computed
                 on the fly when None.
+            normalizer: the response/token counts to divide by (``Normalizer``) when these rows are
+                one micro-batch of a larger minibatch; None divides by the counts of ``mask``. The
+                metrics always describe the rows given.
         """
 
     def kl_penalty(

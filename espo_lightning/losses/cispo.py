@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from espo_lightning.losses.base import MAX_LOG_RATIO, PolicyLoss, canonical_inputs, check_range, policy_metrics
+from espo_lightning.losses.base import (
+    MAX_LOG_RATIO,
+    Normalizer,
+    PolicyLoss,
+    canonical_inputs,
+    check_range,
+    denominators,
+    policy_metrics,
+)
 from espo_lightning.losses.kl import KLEstimator
 
 
@@ -55,12 +63,14 @@ class CISPOLoss(PolicyLoss):
         entropies: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         group_ids: Tensor | None = None,
+        normalizer: Normalizer | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = canonical_inputs("CISPOLoss", logprobs, old_logprobs, advantages, mask)
         low, high = 1.0 - self.epsilon_low, 1.0 + self.epsilon_high
         with torch.no_grad():
             ratio = torch.exp((x.logp.detach() - x.old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
-            weight = x.maskf / x.maskf.sum().clamp_min(1)  # [B, T] token mean over the minibatch
+            _, n_tokens = denominators(x, normalizer)
+            weight = x.maskf / n_tokens  # [B, T] token mean over the minibatch
             coef = -ratio.clamp(low, high) * x.adv * weight  # [B, T] sg(clip(r)) * A, negated, weighted
         loss = (coef * x.logp).sum()
 

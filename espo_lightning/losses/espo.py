@@ -31,9 +31,11 @@ from torch import Tensor
 from espo_lightning.losses.base import (
     MAX_LOG_RATIO,
     LossInputs,
+    Normalizer,
     PolicyLoss,
     canonical_inputs,
     check_range,
+    denominators,
     policy_metrics,
 )
 from espo_lightning.losses.grouping import (
@@ -202,7 +204,8 @@ class ESPOLoss(PolicyLoss):
         )
 
     @torch.no_grad()
-    def _group_table(self, x: LossInputs, ent: Tensor | None, layout: _SlotLayout) -> _GroupTable:
+    def _group_table(self, x: LossInputs, ent: Tensor | None, layout: _SlotLayout,
+                     normalizer: Normalizer | None) -> _GroupTable:
         count = layout.sum(x.maskf)  # [B, W]
         per_group = count.clamp_min(1)
         log_ratio = layout.sum(x.logp.detach() - x.old_logp) / per_group  # [B, W], padding is 0
@@ -210,7 +213,7 @@ class ESPOLoss(PolicyLoss):
         entropy_sum = layout.sum(ent) if ent is not None else torch.zeros_like(count)
         nonempty = count > 0  # [B, W]
         groups_i = nonempty.sum(-1, keepdim=True).to(count.dtype)  # [B, 1] non-empty groups per response
-        responses = (groups_i > 0).sum().to(count.dtype).clamp_min(1)
+        responses, _ = denominators(x, normalizer)
         weight = torch.where(nonempty, 1.0 / (per_group * groups_i.clamp_min(1) * responses), 0.0)
         eps = None
         if self.adaptive_clip:
@@ -229,6 +232,7 @@ class ESPOLoss(PolicyLoss):
         entropies: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         group_ids: Tensor | None = None,
+        normalizer: Normalizer | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = canonical_inputs("ESPOLoss", logprobs, old_logprobs, advantages, mask)
         ent = None if entropies is None else torch.where(x.mask, entropies.detach().to(x.logp.dtype), 0.0)
@@ -242,7 +246,7 @@ class ESPOLoss(PolicyLoss):
         elif group_ids.shape != x.mask.shape:
             raise ValueError(f"ESPOLoss: group_ids {tuple(group_ids.shape)} must match mask {tuple(x.mask.shape)}")
         layout = _SlotLayout(group_ids, self.num_slots_per_response(x.mask.shape[1]) + 1)
-        table = self._group_table(x, ent, layout)
+        table = self._group_table(x, ent, layout, normalizer)
 
         with torch.no_grad():
             units, to_tokens, to_groups = self._units(table, x, layout)

@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from espo_lightning.losses.base import PolicyLoss, canonical_inputs, check_range, policy_metrics, token_log_ratio
+from espo_lightning.losses.base import (
+    Normalizer,
+    PolicyLoss,
+    canonical_inputs,
+    check_range,
+    denominators,
+    policy_metrics,
+    token_log_ratio,
+)
 from espo_lightning.losses.kl import KLEstimator
 
 
@@ -52,12 +60,13 @@ class GMPOLoss(PolicyLoss):
         entropies: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         group_ids: Tensor | None = None,
+        normalizer: Normalizer | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = canonical_inputs("GMPOLoss", logprobs, old_logprobs, advantages, mask)
         dtype = x.logp.dtype
         n = x.maskf.sum(-1, keepdim=True)  # [B, 1]
         nonempty = n > 0  # [B, 1]
-        n_seqs = nonempty.sum().to(dtype).clamp_min(1)
+        n_seqs, _ = denominators(x, normalizer)
         # The objective is per response; a [B, T] advantage is reduced to its mean over valid tokens
         # (exact for the usual advantage broadcast to every token of a response).
         adv = x.adv if x.adv.shape[-1] == 1 else (x.adv * x.maskf).sum(-1, keepdim=True) / n.clamp_min(1)  # [B, 1]

@@ -12,10 +12,13 @@ import torch
 from torch import Tensor
 
 from espo_lightning.losses.base import (
+    LossInputs,
+    Normalizer,
     PolicyLoss,
     canonical_inputs,
     check_range,
     clipped_token_term,
+    denominators,
     policy_metrics,
     token_log_ratio,
 )
@@ -59,14 +62,12 @@ class GRPOLoss(PolicyLoss):
         self.epsilon_high = float(epsilon_high)
         self.loss_aggregation = loss_aggregation
 
-    def token_weights(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    def token_weights(self, x: LossInputs, normalizer: Normalizer | None = None) -> Tensor:
         """``w_t`` ``[B, T]`` with ``loss = sum_t w_t l_t`` for the chosen aggregation (0 off-mask)."""
-        m = mask.to(dtype)  # [B, T]
+        n_seqs, n_tokens = denominators(x, normalizer)
         if self.loss_aggregation == "token_mean":
-            return m / m.sum().clamp_min(1)
-        n = m.sum(-1, keepdim=True)  # [B, 1]
-        n_seqs = (n > 0).sum().clamp_min(1).to(dtype)
-        return m / (n.clamp_min(1) * n_seqs)
+            return x.maskf / n_tokens
+        return x.maskf / (x.maskf.sum(-1, keepdim=True).clamp_min(1) * n_seqs)
 
     def forward(
         self,
@@ -78,21 +79,22 @@ class GRPOLoss(PolicyLoss):
         entropies: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         group_ids: Tensor | None = None,
+        normalizer: Normalizer | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = canonical_inputs("GRPOLoss", logprobs, old_logprobs, advantages, mask)
         ratio = torch.exp(token_log_ratio(x.logp, x.old_logp))  # [B, T], value r_t, grad r_t dlogp
         term, clipped_low, clipped_high = clipped_token_term(ratio, x.adv, self.epsilon_low, self.epsilon_high)
         term = term * x.maskf  # [B, T]
+        n_seqs, n_tokens = denominators(x, normalizer)
         if self.loss_aggregation == "token_mean":
-            loss = term.sum() / x.maskf.sum().clamp_min(1)
+            loss = term.sum() / n_tokens
         else:
-            n = x.maskf.sum(-1)  # [B]
-            per_response = term.sum(-1) / n.clamp_min(1)  # [B]
-            loss = per_response.sum() / (n > 0).sum().clamp_min(1)
+            per_response = term.sum(-1) / x.maskf.sum(-1).clamp_min(1)  # [B]
+            loss = per_response.sum() / n_seqs
         active = (x.adv != 0) & ~(clipped_low | clipped_high)  # [B, T]
         metrics = policy_metrics(ratio.detach() * x.maskf, clipped_low, clipped_high, active, x.maskf)
         if self.needs_reference:
-            kl_loss, kl_metrics = self.kl_penalty(x.logp, ref_logprobs, x.mask, self.token_weights(x.mask, term.dtype))
+            kl_loss, kl_metrics = self.kl_penalty(x.logp, ref_logprobs, x.mask, self.token_weights(x, normalizer))
             loss = loss + kl_loss
             metrics.update(kl_metrics)
         return loss, metrics

@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from espo_lightning.losses.base import MAX_LOG_RATIO, PolicyLoss, canonical_inputs, check_range, policy_metrics
+from espo_lightning.losses.base import (
+    MAX_LOG_RATIO,
+    Normalizer,
+    PolicyLoss,
+    canonical_inputs,
+    check_range,
+    denominators,
+    policy_metrics,
+)
 from espo_lightning.losses.kl import KLEstimator
 
 
@@ -51,12 +59,12 @@ class GSPOLoss(PolicyLoss):
         entropies: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
         group_ids: Tensor | None = None,
+        normalizer: Normalizer | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = canonical_inputs("GSPOLoss", logprobs, old_logprobs, advantages, mask)
         logp, adv, dtype = x.logp, x.adv, x.logp.dtype
         n = x.maskf.sum(-1, keepdim=True)  # [B, 1] valid tokens per response
-        nonempty = n.squeeze(-1) > 0  # [B]
-        n_seqs = nonempty.sum().to(dtype).clamp_min(1)
+        n_seqs, _ = denominators(x, normalizer)
 
         log_s = (logp.detach() - x.old_logp).sum(-1, keepdim=True) / n.clamp_min(1)  # [B, 1], padding is 0
         log_s = log_s.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
@@ -74,7 +82,7 @@ class GSPOLoss(PolicyLoss):
             active = (adv != 0) & ~(clipped_low | clipped_high)  # [B, T]
             metrics = policy_metrics(s * x.maskf, clipped_low, clipped_high, active, x.maskf)
             clipped_seq = (clipped_low | clipped_high).any(-1)  # [B], False for empty responses
-            metrics["clip/sequence"] = clipped_seq.sum().to(dtype) / n_seqs
+            metrics["clip/sequence"] = clipped_seq.sum().to(dtype) / (n.squeeze(-1) > 0).sum().to(dtype).clamp_min(1)
         if self.needs_reference:
             weights = x.maskf / (n.clamp_min(1) * n_seqs)  # [B, T] the same per-response token mean
             kl_loss, kl_metrics = self.kl_penalty(logp, ref_logprobs, x.mask, weights)

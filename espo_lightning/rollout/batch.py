@@ -64,3 +64,23 @@ def _take(value, index):
 
 def _move(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+class ServedBatch:
+    """A minibatch as the DataLoader hands it to Lightning.
+
+    Under ``trainer.precision: bf16-true`` (or ``16-true``) Lightning casts every floating tensor of
+    a batch collection, dataclasses included, to half precision before ``training_step``. Old
+    log-probs, entropies and advantages must stay fp32: in bf16 the old log-probs alone are off by
+    up to 1e-2, more than ESPO's whole clip range. Lightning leaves this plain holder alone; the
+    rollout is already on the module's device, so there is nothing for it to move either."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: RolloutBatch) -> None:
+        self.batch = batch
+
+
+def unwrap(batch) -> RolloutBatch:
+    """The ``RolloutBatch`` of a served minibatch (or the batch itself)."""
+    return batch.batch if isinstance(batch, ServedBatch) else batch

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from espo_lightning.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
-from espo_lightning.rollout.batch import RolloutBatch
+from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
 from espo_lightning.rollout.mismatch import truncated_is_weights
@@ -227,7 +227,7 @@ class RolloutDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch
         batch, stats = self.rollout(epoch)
         self.last_rollout = stats
-        return DataLoader(_Items(self.minibatches(batch, epoch)), batch_size=None)
+        return DataLoader(_Items([ServedBatch(b) for b in self.minibatches(batch, epoch)]), batch_size=None)
 
     def rollout(self, epoch: int) -> tuple[RolloutBatch, RolloutStats]:
         rank, _ = self._world()
@@ -238,7 +238,8 @@ class RolloutDataModule(L.LightningDataModule):
         prompt_ids = self.encode_prompts([r["prompt"] for r in rows])
         sampling = Sampling(n=G, temperature=self.temperature, top_p=self.top_p,
                             max_new_tokens=self.max_new_tokens, seed=self.seed * 7919 + epoch * 104_729 + rank)
-        gen = self.engine.generate(prompt_ids, sampling, self.module.policy)
+        with self.module.precision_context():  # HF generate samples under the training step's precision
+            gen = self.engine.generate(prompt_ids, sampling, self.module.policy)
         t_gen = time.perf_counter() - t0
 
         completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
@@ -259,15 +260,17 @@ class RolloutDataModule(L.LightningDataModule):
         truncated = torch.tensor(gen.truncated, dtype=torch.float32)
         if self.mask_truncated:
             batch.completion_mask &= ~truncated.bool().unsqueeze(1)
-        batch = batch.to(self.module.device)
-        t1 = time.perf_counter()
-        batch = self.module.score_rollout(batch)
-        t_score = time.perf_counter() - t1
-
         zero_groups = (advantages.view(-1, G) == 0).all(dim=1)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if self.drop_zero_std_groups:
             keep = ~zero_groups.repeat_interleave(G)
+        dropped_groups = int((~keep).sum()) // G
+        # Rows are dropped before scoring: scoring uses the minibatches training will cut, and
+        # nothing is spent on rows that are never trained on.
+        batch = self._apply_dynamic_sampling(batch, keep).to(self.module.device)
+        t1 = time.perf_counter()
+        batch = self.module.score_rollout(batch, self.minibatch_indices(len(batch), epoch)[0])
+        t_score = time.perf_counter() - t1
         diff = is_weights = None
         if batch.engine_logprobs is not None:
             diff = (batch.engine_logprobs - batch.old_logprobs).abs()[batch.completion_mask].float().cpu()
@@ -277,14 +280,14 @@ class RolloutDataModule(L.LightningDataModule):
             epoch=epoch, rewards=rewards, correct=correct,
             response_lengths=torch.tensor([len(c) for c in gen.token_ids], dtype=torch.float32),
             truncated=truncated, zero_std_groups=int(zero_groups.sum()), num_groups=len(rows),
-            dropped_groups=int((~keep).sum()) // G, generation_time_s=t_gen, scoring_time_s=t_score,
+            dropped_groups=dropped_groups, generation_time_s=t_gen, scoring_time_s=t_score,
             rollout_time_s=time.perf_counter() - t0, generated_tokens=sum(len(c) for c in gen.token_ids),
             engine_logprob_diff=diff,
             samples=[{"prompt": prompts[i], "completion": completions[i],
                       "reward": None if rewards[i].isnan() else float(rewards[i])}
                      for i in range(0, len(prompts), G)][: self.num_samples_logged],
             is_weights=is_weights, is_cap=self.tis_cap or 0.0)
-        return self._apply_dynamic_sampling(batch, keep), stats
+        return batch, stats
 
     def _apply_tis(self, batch: RolloutBatch) -> torch.Tensor:
         """Weight each token by min(pi_old / pi_engine, cap). A positive, detached weight on a token's
@@ -321,14 +324,18 @@ class RolloutDataModule(L.LightningDataModule):
         per_rank = (self.prompts_per_rollout // world) * self.num_generations
         return 1 if self.minibatch_size is None else max(1, math.ceil(per_rank / self.minibatch_size))
 
-    def minibatches(self, batch: RolloutBatch, epoch: int) -> list[RolloutBatch]:
-        n = self.num_minibatches()
-        out = []
+    def minibatch_indices(self, rows: int, epoch: int) -> list[list[torch.Tensor]]:
+        """Row indices of every minibatch, per pass (``ppo_epochs`` lists): a seeded shuffle per
+        pass. The rollout's scoring reads the first pass's, so it must be a pure function of
+        (rows, epoch)."""
         gen = torch.Generator().manual_seed(self.seed * 31 + epoch)
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(len(batch), generator=gen).to(batch.input_ids.device)
-            out += [batch.select(idx).trimmed() for idx in torch.tensor_split(order, n)]
-        return out
+        n = self.num_minibatches()
+        return [list(torch.tensor_split(torch.randperm(rows, generator=gen), n)) for _ in range(self.ppo_epochs)]
+
+    def minibatches(self, batch: RolloutBatch, epoch: int) -> list[RolloutBatch]:
+        device = batch.input_ids.device
+        return [batch.select(idx.to(device)).trimmed()
+                for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass]
 
     # ----- validation -------------------------------------------------------------------------
     def val_dataloader(self) -> DataLoader | list:
@@ -348,8 +355,9 @@ class RolloutDataModule(L.LightningDataModule):
         """Greedy completions of ``rows``: (1.0 where the accuracy reward says correct, row weight)."""
         self._sync_engine()
         prompt_ids = self.encode_prompts([r["prompt"] for r in rows])
-        gen = self.engine.generate(prompt_ids, Sampling(n=1, greedy=True, max_new_tokens=self.val_max_new_tokens),
-                                   self.module.policy)
+        with self.module.precision_context():
+            gen = self.engine.generate(prompt_ids, Sampling(n=1, greedy=True, max_new_tokens=self.val_max_new_tokens),
+                                       self.module.policy)
         completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_weight")}
         weight = torch.tensor([r.get("_weight", 1.0) for r in rows])

@@ -1,0 +1,51 @@
+"""Splitting a minibatch into micro-batches: the rows of one forward/backward pass.
+
+One optimizer step covers the whole minibatch; its gradient is accumulated over micro-batches whose
+size bounds activation memory. Two limits, either or both:
+
+- ``micro_batch_size``: at most this many responses per pass;
+- ``max_tokens``: at most this many *padded* tokens per pass (rows x trimmed width), with responses
+  sorted by length (longest first, so the first pass is the most expensive one and a budget that
+  does not fit fails at once) and packed greedily. A trimmed micro-batch is as wide as its longest
+  prompt plus its longest completion (prompts are left padded, completions right padded). A single
+  response longer than the budget gets a micro-batch of its own.
+
+With neither limit the minibatch is one pass, in its own row order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def plan_micro_batches(prompt_lengths: Tensor, completion_lengths: Tensor, micro_batch_size: int | None,
+                       max_tokens: int | None) -> list[Tensor]:
+    """Row indices ``[m]`` (long) of each micro-batch; together they cover every row exactly once.
+
+    Args:
+        prompt_lengths: ``[B]`` real prompt tokens per row.
+        completion_lengths: ``[B]`` completion tokens per row (the columns the forward pass carries).
+        micro_batch_size: responses per micro-batch, or None for no limit.
+        max_tokens: padded tokens per micro-batch, or None for no limit.
+    """
+    rows = prompt_lengths.shape[0]
+    if micro_batch_size is None and max_tokens is None:
+        return [torch.arange(rows)]
+    prompt_lengths, completion_lengths = prompt_lengths.cpu(), completion_lengths.cpu()
+    order = torch.sort(prompt_lengths + completion_lengths, descending=True, stable=True).indices.tolist()
+    limit = micro_batch_size or rows
+    plans: list[list[int]] = []
+    current: list[int] = []
+    widest_prompt = widest_completion = 0
+    for i in order:
+        p, c = int(prompt_lengths[i]), int(completion_lengths[i])
+        width = max(widest_prompt, p) + max(widest_completion, c)
+        full = len(current) >= limit or (max_tokens is not None and (len(current) + 1) * width > max_tokens)
+        if current and full:
+            plans.append(current)
+            current, widest_prompt, widest_completion = [], 0, 0
+        current.append(i)
+        widest_prompt, widest_completion = max(widest_prompt, p), max(widest_completion, c)
+    if current:
+        plans.append(current)
+    return [torch.tensor(p, dtype=torch.long) for p in plans]

@@ -1,0 +1,204 @@
+"""Micro-batches with exact normalisation: the plan, the losses' ``Normalizer``, and a real training
+step that gives the same update with and without micro-batches."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from espo_lightning.losses import CISPOLoss, ESPOLoss, GMPOLoss, GRPOLoss, GSPOLoss
+from espo_lightning.losses.base import Normalizer
+from espo_lightning.micro_batches import plan_micro_batches
+
+
+# ----- the plan --------------------------------------------------------------------------------
+def test_plan_without_limits_is_one_pass_in_row_order():
+    plan = plan_micro_batches(torch.tensor([3, 1, 2]), torch.tensor([5, 9, 1]), None, None)
+    assert [p.tolist() for p in plan] == [[0, 1, 2]]
+
+
+def test_plan_by_count_sorts_longest_first():
+    # total lengths 8, 10, 3, 7, 5 -> order 1, 0, 3, 4, 2
+    plan = plan_micro_batches(torch.tensor([3, 1, 2, 2, 1]), torch.tensor([5, 9, 1, 5, 4]), 2, None)
+    assert [p.tolist() for p in plan] == [[1, 0], [3, 4], [2]]
+
+
+def test_plan_by_token_budget_counts_padded_width():
+    """Width of a micro-batch = longest prompt + longest completion (left/right padding). Rows in
+    order 1 (p1, c9), 0 (p3, c5), 3 (p2, c5), 4 (p1, c4), 2 (p2, c1); budget 24:
+    [1] width 10; + row 0 -> width 3 + 9 = 12, 2 x 12 = 24 fits; + row 3 -> 3 x 12 = 36 > 24: close.
+    [3] width 7; + row 4 -> 2 x 7 = 14; + row 2 -> 3 x 7 = 21 fits."""
+    plan = plan_micro_batches(torch.tensor([3, 1, 2, 2, 1]), torch.tensor([5, 9, 1, 5, 4]), None, 24)
+    assert [p.tolist() for p in plan] == [[1, 0], [3, 4, 2]]
+    # both limits: the count closes the second micro-batch first
+    plan = plan_micro_batches(torch.tensor([3, 1, 2, 2, 1]), torch.tensor([5, 9, 1, 5, 4]), 2, 24)
+    assert [p.tolist() for p in plan] == [[1, 0], [3, 4], [2]]
+
+
+def test_a_row_over_the_budget_gets_its_own_micro_batch():
+    plan = plan_micro_batches(torch.tensor([2, 2, 2]), torch.tensor([50, 1, 1]), None, 10)
+    assert [p.tolist() for p in plan] == [[0], [1, 2]]
+    assert sorted(torch.cat(plan).tolist()) == [0, 1, 2]
+
+
+# ----- the losses: micro-batch losses with the minibatch's counts add up to the minibatch's loss -----
+B, T = 9, 7
+LOSSES = {
+    "espo": lambda: ESPOLoss(vocab_size=151_936),
+    "espo_quantile_kl": lambda: ESPOLoss(vocab_size=151_936, grouping="quantile", num_groups=3, beta=0.1),
+    "grpo": lambda: GRPOLoss(),
+    "dapo": lambda: GRPOLoss(epsilon_high=0.28, loss_aggregation="token_mean", beta=0.05),
+    "gspo": lambda: GSPOLoss(),
+    "cispo": lambda: CISPOLoss(epsilon_low=0.1, epsilon_high=0.05),
+    "gmpo": lambda: GMPOLoss(epsilon_low=0.02, epsilon_high=0.02),
+}
+
+
+def _inputs(per_token_advantages: bool = False):
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([7, 1, 4, 0, 6, 2, 7, 3, 5])  # unequal, one empty response
+    mask = torch.arange(T) < lengths.unsqueeze(1)  # [B, T]
+    old = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    logp = old + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)  # some ratios clip
+    adv = torch.randn(B, T if per_token_advantages else 1, generator=gen, dtype=torch.float64).squeeze(-1)
+    ent = 4 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    ref = old + 0.1 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    return dict(logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, entropies=ent, ref_logprobs=ref)
+
+
+def _full_and_micro(loss_fn, inputs, plan):
+    group_ids = loss_fn.prepare(inputs["entropies"], inputs["mask"])  # once per rollout, as the trainer does
+    full_logp = inputs["logprobs"].clone().requires_grad_(True)
+    full, _ = loss_fn(**{**inputs, "logprobs": full_logp}, group_ids=group_ids)
+    (full_grad,) = torch.autograd.grad(full, full_logp)
+
+    leaf = inputs["logprobs"].clone().requires_grad_(True)
+    counts = Normalizer.of(inputs["mask"])
+    total = 0.0
+    for rows in plan:
+        width = max(1, int(inputs["mask"][rows].sum(-1).max()))  # trimmed to the micro-batch's longest
+        part = {k: (v[rows] if v.dim() == 1 else v[rows, :width]) for k, v in inputs.items()}
+        part["logprobs"] = leaf[rows, :width]
+        loss, _ = loss_fn(**part, group_ids=group_ids[rows, :width] if group_ids is not None else None,
+                          normalizer=counts)
+        loss.backward()
+        total = total + loss.detach()
+    return full.detach(), full_grad, total, leaf.grad
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("limits", [(2, None), (None, 12), (4, 20)])
+def test_micro_batch_losses_and_gradients_equal_one_pass(name, limits):
+    loss_fn = LOSSES[name]()
+    inputs = _inputs()
+    lengths = inputs["mask"].sum(-1)
+    plan = plan_micro_batches(torch.ones(B, dtype=torch.long), lengths, *limits)
+    assert len(plan) > 1
+    full, full_grad, total, grad = _full_and_micro(loss_fn, inputs, plan)
+    assert abs(float(full)) > 1e-3 and float(full_grad.abs().max()) > 1e-3  # a real signal
+    torch.testing.assert_close(total, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["espo", "grpo", "gspo"])
+def test_per_token_advantages_too(name):
+    loss_fn = LOSSES[name]()
+    inputs = _inputs(per_token_advantages=True)
+    plan = plan_micro_batches(torch.ones(B, dtype=torch.long), inputs["mask"].sum(-1), 3, None)
+    full, full_grad, total, grad = _full_and_micro(loss_fn, inputs, plan)
+    torch.testing.assert_close(total, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=0)
+
+
+def test_rank_shares_with_global_counts_add_up_for_token_means():
+    """Two "ranks" holding 13 and 22 valid tokens: with the global counts each rank's loss is its share
+    of the full token mean, so their sum (what averaged gradients x world size descend) is the full
+    DAPO / CISPO loss. Each rank's own token mean, averaged, is not (TRL's and verl's approximation)."""
+    inputs = _inputs()
+    ranks = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])]
+    assert [int(inputs["mask"][r].sum()) for r in ranks] == [12, 23]
+    for loss_fn in (LOSSES["dapo"](), LOSSES["cispo"]()):
+        full, _, total, _ = _full_and_micro(loss_fn, inputs, ranks)
+        torch.testing.assert_close(total, full, atol=1e-12, rtol=0)
+        own = [loss_fn(**{k: v[r] for k, v in inputs.items()})[0] for r in ranks]
+        assert abs(float(sum(own) / 2 - full)) > 1e-3
+
+
+# ----- a real training step: micro-batched or not, the same update ------------------------------
+class _Fixed(L.LightningDataModule):
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def train_dataloader(self):
+        from espo_lightning.rollout.datamodule import _Items
+
+        return DataLoader(_Items([self.batch, self.batch]), batch_size=None)
+
+
+class _Outputs(L.Callback):
+    def __init__(self):
+        self.metrics = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append({k: float(v) for k, v in outputs["metrics"].items()})
+
+
+def _scored_batch(model_dir: str):
+    """Responses of 1 to 5 tokens under prompts of 4 to 6 tokens, old log-probs perturbed so that
+    ESPO clips part of the batch."""
+    from transformers import AutoTokenizer
+
+    from espo_lightning.advantages import group_advantages
+    from espo_lightning.module import PolicyModule
+    from espo_lightning.rollout.tensors import build_rollout_batch
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(1)
+    prompts, completions = [], []
+    for p in range(4):
+        ids = tok.encode(f"{3 + 17 * p}+{9 * p}=")
+        for j in range(4):
+            prompts.append(ids)
+            completions.append([int(x) for x in torch.randint(3, 13, (1 + (p * 3 + j) % 5,), generator=gen)])
+    rewards = torch.rand(len(completions), generator=gen).round()
+    batch = build_rollout_batch(prompts, completions, tok.pad_token_id, group_advantages(rewards, 4), rewards,
+                                None, 1.0)
+    module = PolicyModule(model_dir, loss=ESPOLoss())
+    module.configure_model()
+    batch = module.score_rollout(batch)
+    batch.old_logprobs = batch.old_logprobs + 0.05 * torch.randn(batch.old_logprobs.shape, generator=gen)
+    return batch
+
+
+def _train(model_dir, batch, **module_kwargs):
+    from espo_lightning.module import PolicyModule
+
+    module = PolicyModule(model_dir, loss=ESPOLoss(), optimizer=lambda p: torch.optim.SGD(p, lr=20.0), **module_kwargs)
+    outputs = _Outputs()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[outputs],
+                        gradient_clip_val=1e-3)
+    trainer.fit(module, datamodule=_Fixed(batch))
+    assert trainer.global_step == 2
+    return {k: v.detach().clone() for k, v in module.policy.state_dict().items()}, outputs.metrics
+
+
+def test_training_step_with_micro_batches_equals_one_pass(tiny_model_dir):
+    """Two SGD steps on the same minibatch (the second clipped by trainer.gradient_clip_val, which
+    the module applies under manual optimization): fixed-size and token-budget micro-batches give the
+    weights and the step metrics of one pass over the minibatch."""
+    from transformers import AutoModelForCausalLM
+
+    batch = _scored_batch(tiny_model_dir)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    one, one_metrics = _train(tiny_model_dir, batch)
+    assert max(float((one[k] - start[k]).abs().max()) for k in one) > 1e-3  # the steps are real
+    assert one_metrics[0]["clip/total"] > 0 and one_metrics[0]["count/sequences"] == 16
+    for kwargs in ({"micro_batch_size": 3}, {"max_tokens_per_micro_batch": 20}, {"fused_lm_head": False}):
+        weights, metrics = _train(tiny_model_dir, batch, **kwargs)
+        assert max(float((weights[k] - one[k]).abs().max()) for k in one) < 1e-6, kwargs
+        for got, want in zip(metrics, one_metrics):
+            assert got.keys() == want.keys()
+            assert all(abs(got[k] - want[k]) < 1e-6 for k in want), kwargs

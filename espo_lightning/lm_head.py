@@ -59,8 +59,39 @@ def _compute_dtype(weight: Tensor, autocast: tuple[bool, torch.dtype]) -> torch.
     return dtype if enabled and weight.is_floating_point() else weight.dtype
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and gradient accumulation: fp32, or fp64 for an fp64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _Chunks:
+    """The per-chunk buffers of a pass over N positions, allocated once and reused by every chunk:
+    a fresh ``[c, V]`` tensor per chunk costs as much in page faults on a CPU as its arithmetic.
+
+    ``logits`` holds a chunk's logits in the compute dtype; ``z`` the fp32 (fp64) softmax statistics
+    buffer, the same storage as ``logits`` when the compute dtype is already fp32; ``e`` a second
+    statistics buffer (entropies only)."""
+
+    def __init__(self, n: int, rows: int, weight: Tensor, dtype: torch.dtype, with_entropy: bool = False):
+        rows = max(1, min(rows, n))
+        vocab, stats = weight.shape[0], _stats_dtype(dtype)
+        self.logits = torch.empty(rows, vocab, dtype=dtype, device=weight.device)
+        self.z = self.logits if dtype == stats else torch.empty(rows, vocab, dtype=stats, device=weight.device)
+        self.e = torch.empty(rows, vocab, dtype=stats, device=weight.device) if with_entropy else None
+
+    def logits_of(self, h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """``h W^T + b`` into the logits buffer: ``[c, V]``."""
+        out = torch.mm(h, w.t(), out=self.logits[: h.shape[0]])
+        return out if b is None else out.add_(b)
+
+    def stats(self, h, w, b, targets, temperature, with_entropy):
+        c = h.shape[0]
+        return chunk_logprobs_and_entropy(self.logits_of(h, w, b), targets, temperature, with_entropy,
+                                          out=self.z[:c], scratch=None if self.e is None else self.e[:c])
 
 
 class _FusedHeadLogprobs(torch.autograd.Function):
@@ -78,11 +109,12 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         dtype = _compute_dtype(weight, autocast)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
-        for start in range(0, hidden.shape[0], rows):
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=_stats_dtype(dtype), device=hidden.device)  # [N]
+        buffers = _Chunks(n, rows, weight, dtype)
+        for start in range(0, n, rows):
             sl = slice(start, start + rows)
-            logits = F.linear(hidden[sl].to(dtype), w, b)  # [c, V]
-            logp[sl] = chunk_logprobs_and_entropy(logits, targets[sl], temperature, with_entropy=False)[0]
+            logp[sl] = buffers.stats(hidden[sl].to(dtype), w, b, targets[sl], temperature, with_entropy=False)[0]
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
         return logp
@@ -94,29 +126,35 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
+        acc = _stats_dtype(dtype)
+        n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None  # [N, H]
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # [V]
-        grad_logp = grad_logp.float()
-        for start in range(0, hidden.shape[0], rows):
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None  # [V, H]
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None  # [V]
+        product = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_w and dtype != acc else None
+        grad_logp = grad_logp.to(acc)
+        buffers = _Chunks(n, rows, weight, dtype)
+        for start in range(0, n, rows):
             sl = slice(start, start + rows)
             h = hidden[sl].to(dtype)  # [c, H]
+            c = h.shape[0]
             # d logp(target) / d logit_j = (onehot_j(target) - softmax_j(logits / tau)) / tau
             g = grad_logp[sl].unsqueeze(-1) / tau  # [c, 1]
-            d = shifted_logits(F.linear(h, w, b), tau).exp_()  # [c, V] fp32, unnormalised probabilities
+            d = shifted_logits(buffers.logits_of(h, w, b), tau, out=buffers.z[:c]).exp_()  # [c, V] unnormalised
             d.mul_(-g / d.sum(-1, keepdim=True)).scatter_add_(-1, targets[sl].unsqueeze(-1), g)
             if grad_b is not None:
                 grad_b += d.sum(0)
-            d = d.to(dtype)
+            if dtype != acc:
+                d = buffers.logits[:c].copy_(d)  # the gradient of the logits in the compute dtype
             if grad_h is not None:
                 grad_h[sl] = (d @ w).to(hidden.dtype)
             if grad_w is not None:
                 # One rounding per chunk in the compute dtype (as nn.Linear's backward rounds once),
                 # summed in fp32; in fp32 the product is accumulated in place.
-                if dtype == torch.float32:
+                if product is None:
                     grad_w.addmm_(d.t(), h)
                 else:
-                    grad_w.add_(d.t() @ h)
+                    grad_w.add_(torch.mm(d.t(), h, out=product))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None
@@ -129,12 +167,13 @@ def _fused_logprobs_and_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | N
     dtype = _compute_dtype(weight, _autocast_state(hidden.device.type))
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
-    logp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=_stats_dtype(dtype), device=hidden.device)  # [N]
     entropy = torch.empty_like(logp)
-    for start in range(0, hidden.shape[0], rows):
+    buffers = _Chunks(n, rows, weight, dtype, with_entropy=True)
+    for start in range(0, n, rows):
         sl = slice(start, start + rows)
-        logits = F.linear(hidden[sl].to(dtype), w, b)  # [c, V]
-        logp[sl], entropy[sl] = chunk_logprobs_and_entropy(logits, targets[sl], temperature, with_entropy=True)
+        logp[sl], entropy[sl] = buffers.stats(hidden[sl].to(dtype), w, b, targets[sl], temperature, with_entropy=True)
     return logp, entropy
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 # Elements of one chunk; 2**26 fp32 values = 256 MiB, i.e. 441 rows at V = 151,936. Large enough
 # that the Python loop costs little on a GPU, small enough to stay well below the logits' own size.
-_CHUNK_ELEMENTS = 2**26
+CHUNK_ELEMENTS = 2**26
 
 
 def _check(logits: Tensor, targets: Tensor, temperature: float, chunk_size: int | None) -> int:
@@ -35,7 +35,7 @@ def _check(logits: Tensor, targets: Tensor, temperature: float, chunk_size: int 
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be in (0, inf), got {temperature!r}")
     if chunk_size is None:
-        return max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        return max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1 (rows per chunk) or None, got {chunk_size!r}")
     return chunk_size
@@ -55,30 +55,40 @@ def _row_chunks(rows: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
     return list(zip(*(t.split(rows) for t in flat)))
 
 
-def shifted_logits(chunk: Tensor, temperature: float) -> Tensor:
-    """``(chunk - max) / temperature`` as a new fp32 ``[c, V]`` buffer (the only full-chunk one).
+def shifted_logits(chunk: Tensor, temperature: float, out: Tensor | None = None) -> Tensor:
+    """``(chunk - max) / temperature`` as a new fp32 (fp64 for fp64 logits) ``[c, V]`` buffer (the
+    only full-chunk one), or written into ``out`` (which may be ``chunk`` itself when it already has
+    that dtype: then the shift is in place).
 
     Copy-then-subtract in place: a mixed-dtype ``bf16 - fp32`` would first build an fp32 copy of its
     input and then a second buffer for the result. The shift keeps ``exp`` in range. -inf logits (a
     masked vocabulary) are clamped to the most negative finite value: probability 0 either way, but
     no ``0 * -inf = NaN`` in the entropy."""
-    z = chunk.to(torch.float32, copy=True)  # [c, V] a fresh buffer even when chunk is already fp32
+    if out is None:
+        z = chunk.to(torch.promote_types(chunk.dtype, torch.float32), copy=True)  # [c, V] a fresh buffer
+    else:
+        z = out if out.data_ptr() == chunk.data_ptr() else out.copy_(chunk)
     z.sub_(z.amax(-1, keepdim=True))  # <= 0
     if temperature != 1.0:
         z.div_(temperature)
     return z.clamp_min_(torch.finfo(z.dtype).min)
 
 
-def chunk_logprobs_and_entropy(chunk: Tensor, targets: Tensor, temperature: float,
-                               with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+def chunk_logprobs_and_entropy(chunk: Tensor, targets: Tensor, temperature: float, with_entropy: bool = True,
+                               out: Tensor | None = None, scratch: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """fp32 log-prob of ``targets`` and entropy (nats, or None) for one ``[c, V]`` chunk of logits.
 
     Every path (no-grad scoring, the differentiable policy pass, logits or fused head) computes the
     log-prob with these same operations, so the old policy's log-probs and the first on-policy pass's
-    are bit-identical. Two fp32 buffers with the entropy, one without."""
-    z = shifted_logits(chunk, temperature)  # [c, V]
+    are bit-identical. Two fp32 buffers with the entropy, one without; ``out`` / ``scratch`` (``[c, V]``
+    fp32) are used for them when given (``out`` may be ``chunk``), so a loop over chunks can reuse
+    two buffers instead of allocating (and page-faulting) fresh ones for every chunk."""
+    z = shifted_logits(chunk, temperature, out)  # [c, V]
     z_target = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [c]
-    e = torch.exp(z) if with_entropy else z.exp_()  # [c, V]
+    if not with_entropy:
+        e = z.exp_()
+    else:
+        e = torch.exp(z) if scratch is None else torch.exp(z, out=scratch)  # [c, V]
     total = e.sum(-1)  # [c]
     lse = torch.log(total)  # [c] log-sum-exp of z
     if not with_entropy:

@@ -57,7 +57,8 @@ class PolicyModule(L.LightningModule):
             own longest sequence. Combines with ``micro_batch_size``; None: no limit. Old-policy
             scoring uses the same micro-batches.
         logprob_chunk_size: Token positions per chunk of ``[chunk, V]`` logits when computing
-            log-probs and entropies (the fused head's peak is about 3 fp32 chunks).
+            log-probs and entropies (the fused head holds about three such buffers). None: 2**26 / V
+            positions, i.e. 256 MiB per fp32 buffer (441 positions at V = 151,936).
         fused_lm_head: Compute log-probs and entropies from the final hidden states in chunks
             (never materialising ``[B, T, V]`` logits); models whose head cannot be reached fall
             back to the logits path with a log line. False always uses the logits path.
@@ -85,7 +86,7 @@ class PolicyModule(L.LightningModule):
         trust_remote_code: bool = False,
         micro_batch_size: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
-        logprob_chunk_size: int = 4096,
+        logprob_chunk_size: int | None = None,
         fused_lm_head: bool = True,
         disable_dropout: bool = True,
         defer_grad_sync: bool = True,
@@ -95,8 +96,7 @@ class PolicyModule(L.LightningModule):
         for key, value in (("logprob_chunk_size", logprob_chunk_size), ("micro_batch_size", micro_batch_size),
                            ("max_tokens_per_micro_batch", max_tokens_per_micro_batch)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"model.{key} must be an integer >= 1{'' if key == 'logprob_chunk_size' else ' or null'}, "
-                                  f"got {value!r}")
+                raise ConfigError(f"model.{key} must be an integer >= 1 or null, got {value!r}")
         self.model_name_or_path = model_name_or_path
         self.loss_fn = loss if loss is not None else ESPOLoss()
         self.optimizer_factory = optimizer

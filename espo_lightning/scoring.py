@@ -13,7 +13,7 @@ import logging
 import torch
 
 from espo_lightning.lm_head import HeadNotReached, fused_completion_stats, fusion_blocker
-from espo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+from espo_lightning.logprobs import CHUNK_ELEMENTS, token_logprobs, token_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def completion_logits(model, input_ids, attention_mask, completion_len: int) -> 
 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_len: int, temperature: float,
-                      chunk_size: int) -> torch.Tensor:
+                      chunk_size: int | None) -> torch.Tensor:
     """Log-prob (with grad) of each completion token under ``model``, logits path: ``[B, Lc]`` float32."""
     logits = completion_logits(model, input_ids, attention_mask, completion_len)
     return token_logprobs(logits, input_ids[:, -completion_len:], temperature=temperature, chunk_size=chunk_size)
@@ -40,7 +40,7 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_len: int, tem
 
 @torch.no_grad()
 def sequence_logprobs_and_entropy(model, input_ids, attention_mask, completion_len: int, temperature: float,
-                                  chunk_size: int, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                  chunk_size: int | None, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scoring without grad in micro-batches, logits path: log-probs and entropies, ``[B, Lc]`` each."""
     logps, ents = [], []
     for start in range(0, input_ids.shape[0], micro_batch_size):
@@ -57,11 +57,12 @@ class TokenScorer:
     """Log-probs (and entropies) of completion tokens through the fused head, else the logits path.
 
     Args:
-        chunk_size: token positions per chunk of ``[c, V]`` logits (both paths).
+        chunk_size: token positions per chunk of ``[c, V]`` logits (both paths); None: 2**26 / V
+            (256 MiB per fp32 chunk).
         fused_head: try the fused LM head first; False always uses the logits path.
     """
 
-    def __init__(self, chunk_size: int, fused_head: bool = True) -> None:
+    def __init__(self, chunk_size: int | None = None, fused_head: bool = True) -> None:
         self.chunk_size = chunk_size
         self.fused_head = fused_head
         self._blocked: dict[int, str] = {}  # id(model) -> why it cannot be fused
@@ -82,11 +83,14 @@ class TokenScorer:
         log.warning("fused LM head off for %s: %s; computing log-probs from [B, T, V] logits instead "
                     "(more memory: see README, 'Memory of a training step')", type(model).__name__, reason)
 
+    def _rows(self, model) -> int:
+        return self.chunk_size or max(1, CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+
     def _fused(self, model, batch, with_entropy: bool):
         try:
             return fused_completion_stats(model, batch.input_ids, batch.attention_mask,
                                           position_ids(batch.attention_mask), batch.completion_mask,
-                                          batch.temperature, self.chunk_size, with_entropy)
+                                          batch.temperature, self._rows(model), with_entropy)
         except HeadNotReached as err:
             self._log_fallback(model, str(err))
             return None

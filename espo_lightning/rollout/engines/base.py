@@ -32,6 +32,19 @@ class Generation:
     logprobs: list[list[float]] | None = None  # the engine's log-prob of each sampled token
 
 
+def stop_token_ids(policy, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and each EOS id of the model's generation
+    config (chat models often list several, e.g. ``<|im_end|>`` beside ``<|endoftext|>``). Stopping
+    on the tokenizer's alone runs such models to ``max_new_tokens``."""
+    ids = []
+    config = getattr(policy, "generation_config", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        for i in (value if isinstance(value, (list, tuple)) else [value]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 class RolloutEngine(ABC):
     """Generates completions from the current policy."""
 

@@ -1,11 +1,18 @@
 """Rollout engine on transformers ``generate``: batched, left padded, KV cache. It samples from the
-policy module itself, so its weights are always current and ``sync_weights`` has nothing to do."""
+policy module itself, so its weights are always current and ``sync_weights`` has nothing to do.
+
+It samples from exactly the distribution the trainer scores (softmax of logits / temperature, then
+top-p): the ``GenerationConfig`` is built from ``Sampling`` alone, and the checkpoint's own
+``generation_config.json`` (a repetition penalty, n-gram blocking, top-k, min-p, ...) is kept out of
+the call, since ``generate`` would otherwise fill every setting left at its default from it."""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling
+from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
 
 
 class HFEngine(RolloutEngine):
@@ -23,9 +30,11 @@ class HFEngine(RolloutEngine):
         self.batch_size = batch_size
         self.return_logprobs = return_logprobs
         self.tokenizer = None
+        self.stop_ids: list[int] = []
 
     def setup(self, policy, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(policy, tokenizer)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, policy) -> Generation:
@@ -55,28 +64,26 @@ class HFEngine(RolloutEngine):
         for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
             input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p):] = 1
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, num_return_sequences=sampling.n,
-                      return_dict_in_generate=True, output_scores=self.return_logprobs)
-        if sampling.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        config = self._generation_config(sampling)
+        kwargs = {}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["synced_gpus"] = True  # sharded weights: every rank must run the same number of steps
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), _without_checkpoint_defaults(policy):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = policy.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+            out = policy.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  generation_config=config, **kwargs)
         new = out.sequences[:, width:].cpu()  # [N, new_tokens]
         step_logps = None
         if self.return_logprobs:
             scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [N, new, V]
             step_logps = scores.gather(-1, new.to(scores.device).unsqueeze(-1)).squeeze(-1).cpu()
         token_ids, truncated, logprobs = [], [], []
+        stops = set(self.stop_ids)
         for i, row in enumerate(new.tolist()):
-            if tok.eos_token_id in row:
-                n = row.index(tok.eos_token_id) + 1  # keep the EOS: the policy is trained to emit it
+            end = next((k for k, t in enumerate(row) if t in stops), None)
+            if end is not None:
+                n = end + 1  # keep the stop token: the policy is trained to emit it
                 truncated.append(False)
             else:
                 n = len(row)
@@ -85,3 +92,32 @@ class HFEngine(RolloutEngine):
             if step_logps is not None:
                 logprobs.append(step_logps[i, :n].tolist())
         return Generation(token_ids, truncated, logprobs)
+
+    def _generation_config(self, sampling: Sampling):
+        """Everything ``generate`` does, from ``sampling`` alone: plain (or greedy) sampling at the
+        temperature and top-p the trainer scores with, stopping on every stop id."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        mode = (dict(do_sample=False) if sampling.greedy else
+                dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0))
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
+            pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids or tok.eos_token_id,
+            return_dict_in_generate=True, output_scores=self.return_logprobs, **mode)
+
+
+@contextmanager
+def _without_checkpoint_defaults(policy):
+    """Hide the checkpoint's generation config during the call: ``generate`` copies every setting
+    that the given config leaves at its default (repetition_penalty 1.0, no_repeat_ngram_size 0,
+    ...) from the model's own, which would make a checkpoint's ``repetition_penalty: 1.1`` bias every
+    importance ratio."""
+    from transformers import GenerationConfig
+
+    saved = getattr(policy, "generation_config", None)
+    policy.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        policy.generation_config = saved

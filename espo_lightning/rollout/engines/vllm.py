@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from espo_lightning.errors import ConfigError
-from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling
+from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
 from espo_lightning.rollout.engines.vllm_logs import quiet_reload_logs
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class VLLMEngine(RolloutEngine):
         self.weight_sync = weight_sync
         self.llm = None
         self.eos_token_id: int | None = None
+        self.stop_ids: list[int] = []
         self.last_sync_s: float | None = None  # wall time of the last weight push
         self._sync_method: str | None = None
         self._synced = False  # the engine holds real weights (they start as vLLM dummies)
@@ -134,6 +135,7 @@ class VLLMEngine(RolloutEngine):
         if tokenizer.eos_token_id is None:
             raise ConfigError("VLLMEngine: the tokenizer has no eos_token_id; generation could never stop early")
         self.eos_token_id = int(tokenizer.eos_token_id)
+        self.stop_ids = stop_token_ids(policy, tokenizer)
         # In-process engine: the weight push needs the model in this process.
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLMEngine sets VLLM_ENABLE_V1_MULTIPROCESSING=0: weight sync needs vLLM in-process")
@@ -290,7 +292,7 @@ class VLLMEngine(RolloutEngine):
     def _sampling_params(self, sampling: Sampling, seeds: list[int | None]):
         from vllm import SamplingParams
 
-        common = dict(n=sampling.n, max_tokens=sampling.max_new_tokens, stop_token_ids=[self.eos_token_id],
+        common = dict(n=sampling.n, max_tokens=sampling.max_new_tokens, stop_token_ids=self.stop_ids or [self.eos_token_id],
                       detokenize=False, logprobs=0 if self.return_logprobs else None, flat_logprobs=True,
                       top_k=0, min_p=0.0, repetition_penalty=1.0)
         if sampling.greedy:

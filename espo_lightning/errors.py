@@ -3,3 +3,8 @@
 
 class ConfigError(ValueError):
     """A bad value in the config or the data; the message names the key or row and what is allowed."""
+
+
+class RewardError(ConfigError):
+    """A reward function failed or returned something that is not a reward; the message names the
+    function by import path and the completion."""

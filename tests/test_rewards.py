@@ -119,11 +119,11 @@ def test_gsm8k_gold_answer_strips_thousands_separators(gsm8k_answers):
         # answers without a box, found by math-verify's own extraction
         ("3", "Therefore, the final answer is $3$. I hope it is correct.", 1.0),
         ("3", "The answer is 4.", 0.0),
-        # nothing to score
-        ("3", "", None),
-        ("3", "I do not know.", None),
-        ("3", "\\boxed{}", None),
-        ("3", "\\boxed{3", None),  # truncated before the box closed
+        # no answer stated: verified wrong, 0.0 as in TRL (None would let a policy dodge the penalty)
+        ("3", "", 0.0),
+        ("3", "I do not know.", 0.0),
+        ("3", "\\boxed{}", 0.0),
+        ("3", "\\boxed{3", 0.0),  # truncated before the box closed
     ],
 )
 def test_math_accuracy_hand_cases(gold, completion, expected):
@@ -154,14 +154,35 @@ def test_same_rewards_off_the_main_thread():
     worker.start()
     worker.join(timeout=30)
     assert not worker.is_alive()
-    assert result == [expected] and expected == [1.0, 0.0, 1.0, 0.0, None, 1.0]
+    assert result == [expected] and expected == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 
 
-def test_unparseable_gold_raises_with_row_and_text():
-    with pytest.raises(ValueError, match=r"row 1.*\\\\boxed\{\}"):
-        math_accuracy(prompts=None, completions=["\\boxed{1}", "\\boxed{2}"], answer=["1", "\\boxed{}"])
-    with pytest.raises(ValueError, match="row 0"):
-        math_accuracy(prompts=None, completions=["\\boxed{1}"], answer=["   "])
+def test_unparseable_gold_scores_none_with_one_warning_and_check_rows_names_the_row():
+    """A gold answer that cannot be parsed cannot be verified: None (no advantage), warned once per
+    gold text; ``math_accuracy.check_rows`` (run when the data loads) names the first such row."""
+    import warnings
+
+    golds = ["1", "\\boxed{}", "\\boxed{}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rewards = math_accuracy(prompts=None, completions=["\\boxed{1}", "\\boxed{2}", "x"], answer=golds)
+        math_accuracy(prompts=None, completions=["\\boxed{2}"], answer=["\\boxed{}"])
+    assert rewards == [1.0, None, None]
+    assert sum("cannot parse the gold answer" in str(w.message) for w in caught) <= 1
+    with pytest.raises(ValueError, match=r"row 2: math_accuracy cannot parse the gold answer"):
+        math_accuracy.check_rows([{"answer": "1"}, {"answer": "   "}])
+    math_accuracy.check_rows([{"answer": "#### 1,234"}, {"answer": 7}])  # a numeric answer column works
+
+
+def test_empty_completion_gets_a_negative_advantage_when_group_mates_answer():
+    """Under math_accuracy alone, a policy that stops answering is penalised like a wrong answer."""
+    from espo_lightning.advantages import group_advantages, rewards_to_tensor
+
+    rewards = math_accuracy(prompts=None, completions=["\\boxed{4}", "", "The answer is 4.", "I am not sure."],
+                            answer=["4"] * 4)
+    assert rewards == [1.0, 0.0, 1.0, 0.0]
+    adv = group_advantages(rewards_to_tensor(rewards), 4)
+    assert adv[1] < 0 and adv[3] < 0 and adv[0] > 0
 
 
 def test_length_mismatch_and_missing_answer_raise():

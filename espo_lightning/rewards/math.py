@@ -26,6 +26,7 @@ from __future__ import annotations
 import math as _pymath
 import re
 import threading
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -298,8 +299,12 @@ def _parse_completion(text: str) -> list | None:
 # ---------------------------------------------------------------------------------------- reward
 def math_accuracy(prompts: list[str] | None = None, completions: list[Any] | None = None,
                   answer: list[Any] | None = None, **kwargs: Any) -> list[float | None]:
-    """Reward 1.0 when a completion's final answer equals the gold answer, 0.0 when it does not,
-    None when the completion states no answer math-verify can find (the verifier cannot score it).
+    """Reward 1.0 when a completion's final answer equals the gold answer, else 0.0, as in TRL.
+
+    A completion that states no answer math-verify can find has been verified as wrong: 0.0 (were it
+    None, a policy could dodge the penalty of wrong answers by not answering). None is kept for what
+    cannot be verified at all: a gold answer that cannot be parsed (warned once per gold text;
+    ``check_rows`` finds those when the data loads).
 
     Args:
         prompts: the prompts (unused; part of the reward-function convention).
@@ -309,8 +314,7 @@ def math_accuracy(prompts: list[str] | None = None, completions: list[Any] | Non
         **kwargs: other dataset columns (ignored).
 
     Raises:
-        ValueError: when ``answer`` is missing or has a different length than ``completions``, or when a
-            gold answer cannot be parsed (a data bug); the message names the row and the gold text.
+        ValueError: when ``answer`` is missing or has a different length than ``completions``.
     """
     del prompts, kwargs
     if completions is None:
@@ -327,10 +331,40 @@ def math_accuracy(prompts: list[str] | None = None, completions: list[Any] | Non
         try:
             gold = _parse_gold(str(gold_text) if gold_text is not None else None)
         except ValueError as err:
-            raise ValueError(f"row {row}: cannot parse gold answer {gold_text!r}: {err}") from None
+            _warn_unverifiable(gold_text, err)
+            rewards.append(None)
+            continue
         pred = _parse_completion(completion_text(completion))
         if pred is None:
-            rewards.append(None)
+            rewards.append(0.0)  # no answer stated: verified wrong
             continue
         rewards.append(1.0 if verify(list(gold), pred, timeout_seconds=_timeout()) else 0.0)
     return rewards
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unverifiable(gold_text: Any, err: Exception) -> None:
+    key = repr(gold_text)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"math_accuracy: cannot parse the gold answer {gold_text!r} ({err}); its completions "
+                      "score None (no advantage)", stacklevel=3)
+
+
+def check_rows(rows: list[dict]) -> None:
+    """Check that every row's gold answer (column ``answer``) parses, before any training.
+
+    Raises:
+        ValueError: ``"row N: ..."`` (1-based) for the first row without a usable gold answer.
+    """
+    for n, row in enumerate(rows, start=1):
+        gold_text = row.get("answer")
+        try:
+            _parse_gold(str(gold_text) if gold_text is not None else None)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"row {n}: math_accuracy cannot parse the gold answer {gold_text!r} ({err})") from None
+
+
+math_accuracy.check_rows = check_rows  # the DataModule runs it on the prompt sources when they load

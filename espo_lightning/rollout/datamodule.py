@@ -175,6 +175,15 @@ class RolloutDataModule(L.LightningDataModule):
                 raise ConfigError(f"{key}: {err}") from err
             if not rows:
                 raise ConfigError(f"{key}: the prompt source returned no rows")
+            where = getattr(source, "path", None) or type(source).__name__
+            funcs = self.reward_funcs + [f for f in [self.accuracy_reward] if all(f is not g for g in self.reward_funcs)]
+            for func in funcs:  # reward functions that can check their columns up front
+                check = getattr(func, "check_rows", None)
+                if check is not None:
+                    try:
+                        check(rows)
+                    except ValueError as err:
+                        raise ConfigError(f"{key}: {where}: {err}") from err
 
     def teardown(self, stage: str) -> None:
         if self._engine_ready:
@@ -303,7 +312,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _correct(self, prompts, completions, columns, values=None) -> torch.Tensor:
         if values is None:
-            values = self.accuracy_reward(prompts=prompts, completions=completions, **columns)
+            values = score_completions([self.accuracy_reward], prompts, completions, columns)[0]
         return torch.tensor([1.0 if v is not None and v >= 1.0 - 1e-6 else 0.0 for v in values])
 
     def _apply_dynamic_sampling(self, batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:

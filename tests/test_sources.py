@@ -132,6 +132,20 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         FilePromptSource(str(scalar)).rows()
 
 
+def test_undecodable_bytes_empty_files_and_empty_prompts_name_file_and_row(tmp_path):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + '{"question": "caf\u00e9?", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: line 2, column 18 is not UTF-8 \(byte 0xe9\)"):
+        FilePromptSource(str(latin)).rows()
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"{name}: the file holds no rows"):
+            FilePromptSource(str(tmp_path / name)).rows()
+    blank_prompt = write_jsonl(tmp_path / "blank_prompt.jsonl", [RECORDS[0], {"question": "  ", "answer": "1"}])
+    with pytest.raises(ValueError, match=r"blank_prompt\.jsonl: row 2 has an empty prompt in column 'question'"):
+        FilePromptSource(str(blank_prompt)).rows()
+
+
 def test_template_with_unknown_field_names_template_and_columns(jsonl):
     with pytest.raises(ValueError, match=r"'\{prompt\} in \{color\}'.*\['color'\].*available: \['answer', 'prompt', "
                                          r"'question', 'unit'\]"):

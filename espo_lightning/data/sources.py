@@ -83,6 +83,8 @@ class FilePromptSource(PromptSource):
     # ------------------------------------------------------------------------------------------
     def _load(self) -> list[dict]:
         records = _read_records(self.path)
+        if not records:
+            raise ValueError(f"{self.path}: the file holds no rows")
         required = [(self.prompt_column, "prompt_column")]
         if self.answer_column is not None:
             required.append((self.answer_column, "answer_column"))
@@ -95,6 +97,9 @@ class FilePromptSource(PromptSource):
                         f"{self.path}: row {number} {problem} {column!r} ({key}); "
                         f"its columns are {sorted(record)}"
                     )
+            if isinstance(record[self.prompt_column], str) and not record[self.prompt_column].strip():
+                raise ValueError(f"{self.path}: row {number} has an empty prompt in column {self.prompt_column!r} "
+                                 "(prompt_column)")
             rows.append(self._render(record, number))
         if self.shuffle_seed is not None:
             random.Random(self.shuffle_seed).shuffle(rows)
@@ -167,8 +172,20 @@ def _read_records(path: str) -> list[dict]:
                      f"FilePromptSource reads {ALLOWED_FORMATS}")
 
 
+def _read_text(file: Path, path: str) -> str:
+    """The file as UTF-8 text; undecodable bytes fail with the line and column they are on."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}: line {line}, column {column} is not UTF-8 (byte 0x{data[err.start]:02x}); "
+                         "save the file as UTF-8") from None
+
+
 def _read_json_lines(file: Path, path: str, text: str | None = None) -> list[dict]:
-    text = file.read_text(encoding="utf-8-sig") if text is None else text
+    text = _read_text(file, path) if text is None else text
     records = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -186,7 +203,7 @@ def _read_json_lines(file: Path, path: str, text: str | None = None) -> list[dic
 
 
 def _read_json(file: Path, path: str) -> list[dict]:
-    text = file.read_text(encoding="utf-8-sig")
+    text = _read_text(file, path)
     if not text.lstrip().startswith("["):
         return _read_json_lines(file, path, text)  # JSON lines saved as .json, or one object
     try:

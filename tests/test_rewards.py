@@ -285,3 +285,18 @@ def test_exact_match():
         1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     with pytest.raises(ValueError):
         exact_match(prompts=None, completions=["1"], answer=["1", "2"])
+
+
+def test_overlong_penalty_by_hand():
+    """L_max = 10, L_cache = 4: no penalty up to 6 tokens, then (6 - L) / 4 down to -1 at 10 tokens,
+    -1 beyond (DAPO eq. 13); the penalty scale multiplies it."""
+    from espo_lightning.rewards import OverlongPenalty
+
+    reward = OverlongPenalty(max_completion_length=10, buffer_length=4)
+    ids = [[0] * n for n in (0, 6, 7, 8, 10, 11)]
+    assert reward(prompts=None, completions=[""] * 6, completion_ids=ids) == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert OverlongPenalty(10, 4, penalty=0.5)(completion_ids=ids)[3] == -0.25
+    with pytest.raises(ValueError, match="buffer_length must be an integer in"):
+        OverlongPenalty(10, 11)
+    with pytest.raises(ValueError, match="needs completion_ids"):
+        reward(prompts=None, completions=["x"])

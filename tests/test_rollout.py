@@ -210,3 +210,18 @@ def test_both_engines_stop_on_the_tokenizer_and_generation_config_eos_ids(tiny_m
     params = engine._sampling_params(Sampling(n=2, temperature=0.7), [None])
     assert params.stop_token_ids == [eos, five]
     assert params.repetition_penalty == 1.0 and params.top_k in (0, -1) and params.min_p == 0.0
+
+
+def test_reward_functions_receive_completion_ids_as_in_trl(tiny_model_dir):
+    """The DAPO overlong penalty reads each completion's token count from ``completion_ids``: with a
+    budget of 4 tokens and a buffer of 2, a truncated completion (4 tokens) scores -1 on top of its
+    accuracy, one of 2 tokens 0."""
+    from espo_lightning.rewards import OverlongPenalty
+
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4)
+    dm.reward_funcs = [exact_match, OverlongPenalty(max_completion_length=4, buffer_length=2)]
+    dm.reward_weights = [0.0, 1.0]  # the penalty alone
+    batch, stats = dm.rollout(epoch=0)
+    lengths = batch.completion_mask.sum(-1)
+    expected = torch.where(lengths <= 2, 0.0, (2.0 - lengths) / 2)
+    torch.testing.assert_close(batch.rewards, expected.float())

@@ -254,6 +254,7 @@ class RolloutDataModule(L.LightningDataModule):
         completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        columns["completion_ids"] = gen.token_ids  # as TRL passes them (length-based rewards read them)
         per_func = score_completions(self.reward_funcs, prompts, completions, columns)
         rewards = rewards_to_tensor(combined_rewards(self.reward_funcs, self.reward_weights, prompts, completions,
                                                      columns, per_func))
@@ -369,6 +370,7 @@ class RolloutDataModule(L.LightningDataModule):
                                        self.module.policy)
         completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_weight")}
+        columns["completion_ids"] = gen.token_ids
         weight = torch.tensor([r.get("_weight", 1.0) for r in rows])
         correct = self._correct([r["prompt"] for r in rows], completions, columns)
         return correct.to(self.module.device), weight.to(self.module.device)

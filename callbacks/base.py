@@ -51,6 +51,7 @@ from torch import Tensor
 from torchmetrics import MaxMetric, Metric
 
 from callbacks.metrics import WeightedMean
+from espo_lightning.rollout.batch import unwrap
 
 EPOCH_SUFFIX = "_epoch"
 
@@ -69,7 +70,7 @@ def step_batch(outputs, batch=None):
     """The ``RolloutBatch`` a training step trained on: ``outputs["batch"]``, else the hook's ``batch``
     argument when it looks like one (has ``completion_mask``), else None."""
     candidate = outputs.get("batch") if isinstance(outputs, Mapping) else None
-    for b in (candidate, getattr(batch, "batch", batch)):  # a ServedBatch holds the RolloutBatch
+    for b in (candidate, unwrap(batch)):  # the DataLoader serves a ServedBatch holding the RolloutBatch
         if b is not None and hasattr(b, "completion_mask"):
             return b
     return None

@@ -71,8 +71,8 @@ class ServedBatch:
 
     Under ``trainer.precision: bf16-true`` (or ``16-true``) Lightning casts every floating tensor of
     a batch collection, dataclasses included, to half precision before ``training_step``. Old
-    log-probs, entropies and advantages must stay fp32: in bf16 the old log-probs alone are off by
-    up to 1e-2, more than ESPO's whole clip range. Lightning leaves this plain holder alone; the
+    log-probs, entropies and advantages must stay fp32: bf16 keeps 8 mantissa bits, so a log-prob
+    of -5 would be rounded by up to 0.016, far more than ESPO's clip range (1e-4 to 1e-3). Lightning leaves this plain holder alone; the
     rollout is already on the module's device, so there is nothing for it to move either."""
 
     __slots__ = ("batch",)

@@ -12,8 +12,9 @@ from callbacks.base import distributed, step_batch, step_diagnostics, tensorboar
 # Per-rank quantities that add up across ranks, and those whose global value is the largest one.
 SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "length_sum", "truncated",
             "zero_std_groups", "dropped_groups", "groups", "generated_tokens", "diff_count", "diff_sum",
-            "train_tokens", "tis_count", "tis_sum", "tis_capped")
-MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max")
+            "train_tokens", "tis_count", "tis_sum", "tis_capped", "prompt_truncated", "reward_timeouts")
+MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max",
+            "sampling_rounds")
 
 
 class RolloutMonitor(L.Callback):
@@ -22,14 +23,19 @@ class RolloutMonitor(L.Callback):
     Every number is global over ranks: per-rank sums and counts are added (``all_reduce`` SUM), maxima
     and wall times take the largest rank (``all_reduce`` MAX); per-rank means are never averaged.
 
-    Logged at the end of each training epoch:
+    Logged at the end of each training epoch, over every response generated (all sampling rounds,
+    kept or not: what the policy does, not what dynamic sampling chose):
 
     - ``reward/mean``, ``reward/std`` (sample std, n - 1) over the scored responses;
       ``reward/accuracy`` (fraction of all responses the accuracy reward calls correct);
-      ``reward/unscored_frac`` (responses the verifier could not score).
+      ``reward/unscored_frac`` (responses the verifier could not score); ``reward/timeout_frac``
+      (responses on which a reward function hit ``data.reward_timeout_s``).
     - ``rollout/response_len_mean``, ``rollout/response_len_max`` (generated tokens incl. EOS),
       ``rollout/truncated_frac``, ``rollout/zero_std_group_frac`` (prompt groups whose advantages are
-      all 0), ``rollout/dropped_group_frac`` (removed by dynamic sampling),
+      all 0), ``rollout/dropped_group_frac`` (generated groups dynamic sampling left without weight:
+      zero-variance ones and surplus ones of the last round), ``rollout/sampling_rounds`` (generation
+      rounds of the rollout), ``rollout/prompt_truncated_frac`` (prompts cut to
+      ``data.max_prompt_length``),
       ``rollout/engine_logprob_diff_mean`` / ``_max`` (|engine - trainer| log-prob of the sampled
       tokens; only when the engine returns log-probs).
     - ``perf/rollout_time_s`` (generation + rewards + scoring, slowest rank), ``perf/generation_time_s``,
@@ -93,10 +99,13 @@ class RolloutMonitor(L.Callback):
                     reward_sq_sum=float((scored * scored).sum()), correct=float(stats.correct.double().sum()),
                     length_sum=float(lengths.sum()), truncated=float(stats.truncated.double().sum()),
                     zero_std_groups=float(stats.zero_std_groups), dropped_groups=float(stats.dropped_groups),
-                    groups=float(stats.num_groups), generated_tokens=float(stats.generated_tokens))
+                    groups=float(stats.num_groups), generated_tokens=float(stats.generated_tokens),
+                    prompt_truncated=float(getattr(stats, "prompt_truncated", 0)),
+                    reward_timeouts=float(getattr(stats, "reward_timeouts", 0)))
         maxes.update(rollout_time=float(stats.rollout_time_s), generation_time=float(stats.generation_time_s),
                      scoring_time=float(stats.scoring_time_s),
-                     length_max=float(lengths.max()) if lengths.numel() else 0.0)
+                     length_max=float(lengths.max()) if lengths.numel() else 0.0,
+                     sampling_rounds=float(getattr(stats, "sampling_rounds", 1)))
         diff = stats.engine_logprob_diff
         if diff is not None and diff.numel():
             diff = diff.double().cpu()
@@ -135,6 +144,7 @@ class RolloutMonitor(L.Callback):
             n = s["responses"]
             out["reward/accuracy"] = s["correct"] / n
             out["reward/unscored_frac"] = (n - s["scored"]) / n
+            out["reward/timeout_frac"] = s["reward_timeouts"] / n
             out["rollout/response_len_mean"] = s["length_sum"] / n
             out["rollout/response_len_max"] = m["length_max"]
             out["rollout/truncated_frac"] = s["truncated"] / n
@@ -148,6 +158,8 @@ class RolloutMonitor(L.Callback):
         if s["groups"] > 0:
             out["rollout/zero_std_group_frac"] = s["zero_std_groups"] / s["groups"]
             out["rollout/dropped_group_frac"] = s["dropped_groups"] / s["groups"]
+            out["rollout/prompt_truncated_frac"] = s["prompt_truncated"] / s["groups"]
+            out["rollout/sampling_rounds"] = m["sampling_rounds"]
         if s["diff_count"] > 0:
             out["rollout/engine_logprob_diff_mean"] = s["diff_sum"] / s["diff_count"]
             out["rollout/engine_logprob_diff_max"] = m["diff_max"]

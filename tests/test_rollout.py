@@ -11,6 +11,7 @@ from espo_lightning.rewards import exact_match
 from espo_lightning.rollout.batch import RolloutBatch
 from espo_lightning.rollout.datamodule import RolloutDataModule
 from espo_lightning.rollout.engines import HFEngine, Sampling
+from espo_lightning.rollout.mismatch import apply_tis
 from espo_lightning.rollout.tensors import build_rollout_batch
 from espo_lightning.tasks.addition import AdditionSource
 
@@ -46,7 +47,8 @@ class _FakeTrainer:
 def _setup(tiny_model_dir, loss=None, **dm_kwargs):
     module = PolicyModule(tiny_model_dir, loss=loss or ESPOLoss())
     module.configure_model()
-    dm = RolloutDataModule(train_data=AdditionSource(num_problems=50, seed=3), reward_funcs=[exact_match],
+    dm_kwargs.setdefault("reward_funcs", [exact_match])
+    dm = RolloutDataModule(train_data=AdditionSource(num_problems=50, seed=3),
                            engine=HFEngine(return_logprobs=True), max_new_tokens=4, **dm_kwargs)
     dm.trainer = _FakeTrainer(module)
     return module, dm
@@ -80,15 +82,16 @@ def test_minibatches_cover_each_rollout_once_per_ppo_epoch(tiny_model_dir):
 
 def test_dynamic_sampling_and_truncation_masking(tiny_model_dir):
     module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4, minibatch_size=4,
-                        drop_zero_std_groups=True, mask_truncated=True)
-    dm.max_new_tokens = 1  # nothing can finish: every completion is truncated, every reward 0
+                        drop_zero_std_groups=True, mask_truncated=True, max_sampling_rounds=3)
+    dm.max_new_tokens = 1  # one token cannot be a sum: every reward is 0
     batch, stats = dm.rollout(epoch=0)
-    assert stats.truncated.eq(1).all() and stats.zero_std_groups == 4 and stats.dropped_groups == 4
-    # all groups were zero-variance: only enough rows to keep the per-rank step count are left,
-    # and they carry no weight
-    assert len(batch) == dm.num_minibatches() == 4
-    assert not batch.completion_mask.any()
-    assert len(dm.minibatches(batch, 0)) == 4
+    # every group of every round is zero-variance: 3 rounds of 4 groups, none trained with weight
+    assert stats.rewards.eq(0).all() and stats.sampling_rounds == 3 and stats.num_groups == 12
+    assert stats.zero_std_groups == 12 and stats.dropped_groups == 12
+    # the rollout still holds its 4 groups (16 rows), as zero-weight filler: minibatches stay full
+    assert len(batch) == 16 and not batch.completion_mask.any()
+    assert [len(m) for m in dm.minibatches(batch, 0)] == [4, 4, 4, 4]
+    assert dm.walk.next_start == 12  # the next epoch starts after the 3 rounds' prompts
 
 
 def test_greedy_sampling_is_deterministic(tiny_model_dir):
@@ -135,7 +138,7 @@ def test_tis_correction_becomes_per_token_advantages(tiny_model_dir):
                             rewards=torch.zeros(1), engine_logprobs=[[-1.0 - torch.log(torch.tensor(4.0)).item(), -1.0]],
                             temperature=1.0)
     b.old_logprobs = torch.tensor([[-1.0, -1.0]])
-    w = dm._apply_tis(b)
+    w = apply_tis(b, dm.tis_cap)
     torch.testing.assert_close(b.advantages, torch.tensor([[1.0, 0.5]]))
     torch.testing.assert_close(w, torch.tensor([2.0, 1.0]))
     dm.engine.return_logprobs = False
@@ -151,8 +154,8 @@ def test_accuracy_reward_is_not_computed_twice(tiny_model_dir):
         calls.append(len(completions))
         return exact_match(prompts=prompts, completions=completions, answer=answer)
 
-    module, dm = _setup(tiny_model_dir, prompts_per_rollout=2, num_generations=4)
-    dm.reward_funcs, dm.reward_weights, dm.accuracy_reward = [counting], [1.0], counting
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=2, num_generations=4, reward_funcs=[counting],
+                        accuracy_reward=counting)
     _, stats = dm.rollout(epoch=0)
     assert calls == [8] and stats.correct.shape == (8,)
 
@@ -218,9 +221,9 @@ def test_reward_functions_receive_completion_ids_as_in_trl(tiny_model_dir):
     accuracy, one of 2 tokens 0."""
     from espo_lightning.rewards import OverlongPenalty
 
-    module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4)
-    dm.reward_funcs = [exact_match, OverlongPenalty(max_completion_length=4, buffer_length=2)]
-    dm.reward_weights = [0.0, 1.0]  # the penalty alone
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4,
+                        reward_funcs=[exact_match, OverlongPenalty(max_completion_length=4, buffer_length=2)],
+                        reward_weights=[0.0, 1.0])  # the penalty alone
     batch, stats = dm.rollout(epoch=0)
     lengths = batch.completion_mask.sum(-1)
     expected = torch.where(lengths <= 2, 0.0, (2.0 - lengths) / 2)

@@ -7,9 +7,10 @@ import string
 from pathlib import Path
 from typing import Any
 
+from espo_lightning.data.messages import check_messages, is_conversational, last_user_message
 from espo_lightning.data.source import PromptSource
 
-__all__ = ["FilePromptSource"]
+__all__ = ["FilePromptSource", "TablePromptSource"]
 
 ALLOWED_FORMATS = (
     ".jsonl (one JSON object per line), .json (a list of objects, or JSON lines), .parquet, "
@@ -17,21 +18,131 @@ ALLOWED_FORMATS = (
 )
 
 
-class FilePromptSource(PromptSource):
-    """Prompts from a local data file, one row per prompt.
+class TablePromptSource(PromptSource):
+    """Rows of a table (a data file, a ``datasets`` split) rendered into prompts; subclasses say where
+    the records come from (``_records``) and how errors name the table (``where``).
 
-    Each row becomes a dict holding every column of the file plus ``prompt``, the rendered
-    ``prompt_template``. Reward functions receive the columns by name, so the gold answers reach
-    ``math_accuracy`` as ``answer=``; when ``answer_column`` is not ``"answer"`` its value is also
-    stored under ``answer`` (replacing a column of that name). The file is read on the first call to
-    ``rows()`` and cached; all rows are checked then, before shuffling and ``limit``.
+    Each row becomes a dict holding every column plus ``prompt``, the rendered ``prompt_template``.
+    Reward functions receive the columns by name, so the gold answers reach ``math_accuracy`` as
+    ``answer=``; when ``answer_column`` is not ``"answer"`` its value is also stored under ``answer``
+    (replacing a column of that name). The table is read on the first call to ``rows()`` and cached;
+    all rows are checked then, before shuffling and ``limit``.
+
+    A prompt column may hold text or, as in TRL's conversational format, a list of
+    ``{role, content}`` messages; conversational prompts always go through the chat template, and
+    ``prompt_template`` rewrites their last user message (``{prompt}`` is that message's text).
+    """
+
+    def __init__(
+        self,
+        prompt_column: str = "question",
+        answer_column: str | None = "answer",
+        prompt_template: str = "{prompt}",
+        limit: int | None = None,
+        shuffle_seed: int | None = None,
+    ) -> None:
+        if not isinstance(prompt_column, str) or not prompt_column:
+            raise ValueError(f"prompt_column must be a non-empty column name, got {prompt_column!r}")
+        if answer_column is not None and (not isinstance(answer_column, str) or not answer_column):
+            raise ValueError(f"answer_column must be a column name or None, got {answer_column!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive integer or None (all rows), got {limit!r}")
+        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+            raise ValueError(f"shuffle_seed must be an integer or None (file order), got {shuffle_seed!r}")
+        self.prompt_column = prompt_column
+        self.answer_column = answer_column
+        self.prompt_template = prompt_template
+        self.limit = limit
+        self.shuffle_seed = shuffle_seed
+        self._fields = _template_fields(prompt_template)
+        self._rows: list[dict] | None = None
+
+    @property
+    def where(self) -> str:
+        """How error messages name the table (a path, ``name[split]``)."""
+        raise NotImplementedError
+
+    def _records(self) -> list[dict]:
+        """Every record of the table, in order."""
+        raise NotImplementedError
+
+    def rows(self) -> list[dict]:
+        """All selected rows; read and validated on the first call, cached afterwards."""
+        if self._rows is None:
+            self._rows = self._load()
+        return [dict(row) for row in self._rows]  # copies: callers may add keys without touching the cache
+
+    # ------------------------------------------------------------------------------------------
+    def _load(self) -> list[dict]:
+        records = self._records()
+        if not records:
+            raise ValueError(f"{self.where}: the file holds no rows")
+        required = [(self.prompt_column, "prompt_column")]
+        if self.answer_column is not None:
+            required.append((self.answer_column, "answer_column"))
+        rows = []
+        for number, record in enumerate(records, start=1):
+            for column, key in required:
+                if record.get(column) is None:
+                    problem = "has no column" if column not in record else "has an empty (null) value in column"
+                    raise ValueError(
+                        f"{self.where}: row {number} {problem} {column!r} ({key}); "
+                        f"its columns are {sorted(record)}"
+                    )
+            prompt = record[self.prompt_column]
+            if isinstance(prompt, str) and not prompt.strip():
+                raise ValueError(f"{self.where}: row {number} has an empty prompt in column {self.prompt_column!r} "
+                                 "(prompt_column)")
+            if isinstance(prompt, (list, tuple)):
+                problem = check_messages(prompt)
+                if problem:
+                    raise ValueError(f"{self.where}: row {number}, column {self.prompt_column!r} (prompt_column): "
+                                     f"{problem}")
+            rows.append(self._render(record, number))
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed).shuffle(rows)
+        if self.limit is not None:
+            rows = rows[: self.limit]
+        return rows
+
+    def _render(self, record: dict, number: int) -> dict:
+        prompt = record[self.prompt_column]
+        messages = [dict(m) for m in prompt] if is_conversational(prompt) else None
+        target = last_user_message(messages) if messages else None
+        values = {**record, "prompt": messages[target]["content"] if messages else prompt}
+        unknown = sorted(self._fields - set(values))
+        if unknown:
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} uses field(s) {unknown} that {self.where} row {number} "
+                f"does not have; available: {sorted(values)} ('prompt' is the {self.prompt_column!r} column)"
+            )
+        try:
+            text = self.prompt_template.format(**values)
+        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"prompt_template {self.prompt_template!r} cannot be rendered for {self.where} row {number}: {err!r}"
+            ) from None
+        row = dict(record)
+        if messages:
+            messages[target]["content"] = text
+            row["prompt"] = messages
+        else:
+            row["prompt"] = text
+        if self.answer_column is not None and self.answer_column != "answer":
+            row["answer"] = record[self.answer_column]
+        return row
+
+
+class FilePromptSource(TablePromptSource):
+    """Prompts from a local data file, one row per prompt (see ``TablePromptSource`` for how rows
+    become prompts).
 
     Args:
         path: data file: .jsonl (one JSON object per line), .json (a list of objects, or JSON lines),
             .parquet, or a folder written by Hugging Face ``datasets``' ``save_to_disk`` (needs the
             ``datasets`` package; a DatasetDict folder with several splits needs the split's
             subfolder). ``~`` is expanded; relative paths start at the working directory.
-        prompt_column: column holding the question or problem text.
+        prompt_column: column holding the question or problem text (or a list of chat messages).
         answer_column: column holding the gold answer that reward functions check against; every
             row must have it. None for prompts without answers.
         prompt_template: ``str.format`` template of the prompt: ``{prompt}`` is the prompt column,
@@ -53,79 +164,19 @@ class FilePromptSource(PromptSource):
     ) -> None:
         if not isinstance(path, (str, Path)) or not str(path).strip():
             raise ValueError(f"path must be a non-empty file path, got {path!r}")
-        if not isinstance(prompt_column, str) or not prompt_column:
-            raise ValueError(f"prompt_column must be a non-empty column name, got {prompt_column!r}")
-        if answer_column is not None and (not isinstance(answer_column, str) or not answer_column):
-            raise ValueError(f"answer_column must be a column name or None, got {answer_column!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive integer or None (all rows), got {limit!r}")
-        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
-            raise ValueError(f"shuffle_seed must be an integer or None (file order), got {shuffle_seed!r}")
+        super().__init__(prompt_column, answer_column, prompt_template, limit, shuffle_seed)
         self.path = str(path)
-        self.prompt_column = prompt_column
-        self.answer_column = answer_column
-        self.prompt_template = prompt_template
-        self.limit = limit
-        self.shuffle_seed = shuffle_seed
-        self._fields = _template_fields(prompt_template)
-        self._rows: list[dict] | None = None
 
-    def rows(self) -> list[dict]:
-        """All selected rows; read and validated on the first call, cached afterwards."""
-        if self._rows is None:
-            self._rows = self._load()
-        return [dict(row) for row in self._rows]  # copies: callers may add keys without touching the cache
+    @property
+    def where(self) -> str:
+        return self.path
+
+    def _records(self) -> list[dict]:
+        return _read_records(self.path)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={self.path!r}, prompt_column={self.prompt_column!r}, "
                 f"answer_column={self.answer_column!r}, limit={self.limit}, shuffle_seed={self.shuffle_seed})")
-
-    # ------------------------------------------------------------------------------------------
-    def _load(self) -> list[dict]:
-        records = _read_records(self.path)
-        if not records:
-            raise ValueError(f"{self.path}: the file holds no rows")
-        required = [(self.prompt_column, "prompt_column")]
-        if self.answer_column is not None:
-            required.append((self.answer_column, "answer_column"))
-        rows = []
-        for number, record in enumerate(records, start=1):
-            for column, key in required:
-                if record.get(column) is None:
-                    problem = "has no column" if column not in record else "has an empty (null) value in column"
-                    raise ValueError(
-                        f"{self.path}: row {number} {problem} {column!r} ({key}); "
-                        f"its columns are {sorted(record)}"
-                    )
-            if isinstance(record[self.prompt_column], str) and not record[self.prompt_column].strip():
-                raise ValueError(f"{self.path}: row {number} has an empty prompt in column {self.prompt_column!r} "
-                                 "(prompt_column)")
-            rows.append(self._render(record, number))
-        if self.shuffle_seed is not None:
-            random.Random(self.shuffle_seed).shuffle(rows)
-        if self.limit is not None:
-            rows = rows[: self.limit]
-        return rows
-
-    def _render(self, record: dict, number: int) -> dict:
-        values = {**record, "prompt": record[self.prompt_column]}
-        unknown = sorted(self._fields - set(values))
-        if unknown:
-            raise ValueError(
-                f"prompt_template {self.prompt_template!r} uses field(s) {unknown} that {self.path} row {number} "
-                f"does not have; available: {sorted(values)} ('prompt' is the {self.prompt_column!r} column)"
-            )
-        try:
-            prompt = self.prompt_template.format(**values)
-        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as err:
-            raise ValueError(
-                f"prompt_template {self.prompt_template!r} cannot be rendered for {self.path} row {number}: {err!r}"
-            ) from None
-        row = dict(record)
-        row["prompt"] = prompt
-        if self.answer_column is not None and self.answer_column != "answer":
-            row["answer"] = record[self.answer_column]
-        return row
 
 
 def _template_fields(template: str) -> set[str]:

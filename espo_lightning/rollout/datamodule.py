@@ -2,12 +2,16 @@
 engine, scores them with the reward functions, computes advantages, lets the policy score old
 log-probs and entropies, and serves the result as minibatches for ``ppo_epochs`` passes.
 
+It is plumbing; the parts live beside it: ``prompts`` (encoding, chat template, what reward
+functions receive), ``sampling`` (rounds of dynamic sampling), ``rewarding`` (reward functions,
+worker pool), ``evaluation`` (validation), ``tensors`` (packing), ``mismatch`` (engine correction).
+
 Under several ranks each rank owns whole prompt groups (P / world_size prompts), so advantages need
 no communication; every rank serves the same number of minibatches so collectives stay in step."""
 from __future__ import annotations
 
+import logging
 import math
-import random
 import time
 import warnings
 from typing import Callable
@@ -22,11 +26,16 @@ from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
-from espo_lightning.rollout.mismatch import truncated_is_weights
-from espo_lightning.rollout.rewarding import combined_rewards, score_completions
-from espo_lightning.rollout.stats import RolloutStats
+from espo_lightning.rollout.evaluation import evaluate_rows, validation_chunks
+from espo_lightning.rollout.mismatch import apply_tis
+from espo_lightning.rollout.prompts import PromptEncoder, completions_for_rewards
+from espo_lightning.rollout.rewarding import Rewarder
+from espo_lightning.rollout.sampling import Groups, SampledRollout, sample_rounds
+from espo_lightning.rollout.stats import RolloutStats, rollout_stats
 from espo_lightning.rollout.tensors import build_rollout_batch
+from espo_lightning.rollout.walk import DataWalk
 
+log = logging.getLogger(__name__)
 
 # _Items defines __len__ on purpose (progress bar, epoch length) and is never split across workers.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
@@ -65,14 +74,26 @@ class RolloutDataModule(L.LightningDataModule):
         temperature: Sampling temperature; log-probs and entropies use the same temperature.
         top_p: Nucleus sampling.
         max_new_tokens: Completion budget; completions that hit it without EOS are "truncated".
-        max_prompt_length: Longer prompts keep their last tokens.
-        use_chat_template: Wrap prompts with the tokenizer's chat template (instruct models).
-        system_prompt: System message used with the chat template.
-        drop_zero_std_groups: Dynamic sampling: leave out groups whose rewards do not vary.
+        max_prompt_length: Longer prompts keep their last tokens; how many did is logged as
+            ``rollout/prompt_truncated_frac`` (with a warning the first time).
+        filter_overlong_prompts: Drop prompts longer than ``max_prompt_length`` when the data loads
+            (train and validation; the count is logged) instead of cutting them.
+        use_chat_template: Wrap text prompts with the tokenizer's chat template (instruct models);
+            conversational prompts (lists of messages) always use it.
+        system_prompt: System message used with the chat template (unless the prompt has one).
+        drop_zero_std_groups: Dynamic sampling (DAPO): groups whose rewards do not vary are dropped
+            and fresh prompt groups generated until the rollout holds ``prompts_per_rollout`` groups
+            with variance (see ``rollout.sampling``).
+        max_sampling_rounds: Bound on the generation rounds of one rollout under dynamic sampling.
         mask_truncated: Exclude truncated completions from the loss.
         tis_cap: Truncated importance sampling for the engine/trainer mismatch (off when null): each
             token's loss term is weighted by ``min(pi_old / pi_engine, tis_cap)`` (folded into
             per-token advantages). Needs an engine that returns log-probs.
+        reward_workers: Processes that run the reward functions (0: in the trainer's process). Each
+            (function, completion) pair is one task; functions must be importable.
+        reward_timeout_s: Wall-clock limit of one reward-function call on one completion in a
+            worker (needs ``reward_workers`` >= 1); past it the completion scores None for that
+            function, counted as ``reward/timeout_frac``.
         val_max_new_tokens: Budget for greedy validation (default: ``max_new_tokens``).
         val_batch_size: Prompts per validation step.
         num_samples_logged: Sample completions kept per rollout for the logs.
@@ -95,11 +116,15 @@ class RolloutDataModule(L.LightningDataModule):
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         max_prompt_length: int = 1024,
+        filter_overlong_prompts: bool = False,
         use_chat_template: bool = False,
         system_prompt: str | None = None,
         drop_zero_std_groups: bool = False,
+        max_sampling_rounds: int = 10,
         mask_truncated: bool = False,
         tis_cap: float | None = None,
+        reward_workers: int = 0,
+        reward_timeout_s: float | None = None,
         val_max_new_tokens: int | None = None,
         val_batch_size: int = 64,
         num_samples_logged: int = 4,
@@ -116,6 +141,13 @@ class RolloutDataModule(L.LightningDataModule):
         _check(max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", max_prompt_length)
         _check(tis_cap is None or tis_cap > 0, "data.tis_cap", "must be > 0 (or null to disable)", tis_cap)
         _check(val_batch_size >= 1, "data.val_batch_size", "must be >= 1", val_batch_size)
+        _check(max_sampling_rounds >= 1, "data.max_sampling_rounds", "must be >= 1", max_sampling_rounds)
+        _check(reward_workers >= 0, "data.reward_workers", "must be >= 0", reward_workers)
+        _check(reward_timeout_s is None or reward_timeout_s > 0, "data.reward_timeout_s", "must be > 0 (or null)",
+               reward_timeout_s)
+        if reward_timeout_s is not None and reward_workers == 0:
+            raise ConfigError("data.reward_timeout_s needs data.reward_workers >= 1: a call in the trainer's own "
+                              "process cannot be stopped safely")
         if not reward_funcs:
             raise ConfigError("data.reward_funcs: give at least one reward function")
         if reward_weights is not None and len(reward_weights) != len(reward_funcs):
@@ -129,16 +161,22 @@ class RolloutDataModule(L.LightningDataModule):
         self.prompts_per_rollout, self.num_generations = prompts_per_rollout, num_generations
         self.minibatch_size, self.ppo_epochs = minibatch_size, ppo_epochs
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length, self.filter_overlong_prompts = max_prompt_length, filter_overlong_prompts
         self.use_chat_template, self.system_prompt = use_chat_template, system_prompt
-        self.drop_zero_std_groups, self.mask_truncated = drop_zero_std_groups, mask_truncated
-        self.tis_cap = tis_cap
+        self.drop_zero_std_groups, self.max_sampling_rounds = drop_zero_std_groups, max_sampling_rounds
+        self.mask_truncated, self.tis_cap = mask_truncated, tis_cap
+        self.reward_workers, self.reward_timeout_s = reward_workers, reward_timeout_s
+        self.rewarder = Rewarder(self.reward_funcs, self.reward_weights, self.accuracy_reward, reward_workers,
+                                 reward_timeout_s)
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
         self.val_batch_size, self.num_samples_logged, self.seed = val_batch_size, num_samples_logged, seed
         self.last_rollout: RolloutStats | None = None
         self._train_rows: list[dict] | None = None
+        self._val_rows: list[dict] | None = None
         self._engine_ready = False
         self._synced_step: int | None = None
+        self._warned_truncation = False
+        self.walk = DataWalk(prompts_per_rollout, seed)
 
     # ----- plumbing ---------------------------------------------------------------------------
     @property
@@ -148,6 +186,10 @@ class RolloutDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         return self.module.tokenizer
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.tokenizer, self.max_prompt_length, self.use_chat_template, self.system_prompt)
 
     def _world(self) -> tuple[int, int]:
         return self.trainer.global_rank, self.trainer.world_size
@@ -175,9 +217,8 @@ class RolloutDataModule(L.LightningDataModule):
                 raise ConfigError(f"{key}: {err}") from err
             if not rows:
                 raise ConfigError(f"{key}: the prompt source returned no rows")
-            where = getattr(source, "path", None) or type(source).__name__
-            funcs = self.reward_funcs + [f for f in [self.accuracy_reward] if all(f is not g for g in self.reward_funcs)]
-            for func in funcs:  # reward functions that can check their columns up front
+            where = getattr(source, "where", None) or getattr(source, "path", None) or type(source).__name__
+            for func in self.rewarder._all_funcs():  # reward functions that can check their columns up front
                 check = getattr(func, "check_rows", None)
                 if check is not None:
                     try:
@@ -190,46 +231,51 @@ class RolloutDataModule(L.LightningDataModule):
             self.engine.teardown()
             self._engine_ready = False
             self._synced_step = None
+        self.rewarder.close()
 
-    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        tok = self.tokenizer
-        if self.use_chat_template:
-            if not getattr(tok, "chat_template", None):
-                raise ConfigError("data.use_chat_template: the tokenizer has no chat template; set it to false")
-            ids = []
-            for p in prompts:
-                messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-                messages.append({"role": "user", "content": p})
-                ids.append(list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False)))
-        else:
-            ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
-        return [x[-self.max_prompt_length:] for x in ids]
+    def state_dict(self) -> dict:
+        """The data walk's position, so a resumed run draws the prompts the interrupted one would have."""
+        return {"walk": self.walk.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.walk.load_state_dict(state.get("walk", {}))
+
+    def encode_prompts(self, prompts: list) -> list[list[int]]:
+        """Token ids of ``prompts`` (text or messages), cut to ``max_prompt_length``."""
+        return self.encoder.encode(prompts).ids
+
+    def _loaded(self, key: str, source: PromptSource) -> list[dict]:
+        rows = source.rows()
+        if not rows:
+            raise ConfigError(f"{key}: the prompt source returned no rows")
+        if not self.filter_overlong_prompts:
+            return rows
+        encoder = self.encoder
+        kept = [r for r in rows if encoder.fits(r["prompt"])]
+        if len(kept) < len(rows):
+            self._say(f"{key}: data.filter_overlong_prompts dropped {len(rows) - len(kept)} of {len(rows)} prompts "
+                      f"longer than data.max_prompt_length={self.max_prompt_length} tokens")
+        if not kept:
+            raise ConfigError(f"{key}: every prompt is longer than data.max_prompt_length={self.max_prompt_length} "
+                              "tokens; raise it or set data.filter_overlong_prompts: false to cut prompts")
+        return kept
 
     def _rows(self) -> list[dict]:
         if self._train_rows is None:
-            self._train_rows = self.train_data.rows()
-            if not self._train_rows:
-                raise ConfigError("data.train_data: the prompt source returned no rows")
+            self._train_rows = self._loaded("data.train_data", self.train_data)
         return self._train_rows
 
-    def _rollout_rows(self, epoch: int) -> list[dict]:
-        """This rank's P / world prompts of ``epoch``: a seeded walk through shuffled passes of the data."""
+    def _say(self, message: str) -> None:
+        if self._world()[0] == 0:
+            log.warning(message)
+
+    def _rows_at(self, start: int) -> list[dict]:
         rank, world = self._world()
-        if self.prompts_per_rollout % world:
-            raise ConfigError(f"data.prompts_per_rollout ({self.prompts_per_rollout}) must be divisible by the "
-                              f"number of ranks ({world})")
-        rows = self._rows()
-        start = epoch * self.prompts_per_rollout
-        orders: dict[int, list[int]] = {}  # one shuffle per pass over the data
-        chosen = []
-        for k in range(start, start + self.prompts_per_rollout):
-            data_pass, offset = divmod(k, len(rows))
-            if data_pass not in orders:
-                orders[data_pass] = list(range(len(rows)))
-                random.Random(self.seed * 1_000_003 + data_pass).shuffle(orders[data_pass])
-            chosen.append(rows[orders[data_pass][offset]])
-        return chosen[rank::world]
+        return self.walk.rows_at(self._rows(), start, rank, world)
+
+    def _rollout_rows(self, epoch: int) -> list[dict]:
+        """This rank's prompts of ``epoch``'s first sampling round."""
+        return self._rows_at(self.walk.epoch_start(epoch))
 
     # ----- the rollout ------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -238,46 +284,52 @@ class RolloutDataModule(L.LightningDataModule):
         self.last_rollout = stats
         return DataLoader(_Items([ServedBatch(b) for b in self.minibatches(batch, epoch)]), batch_size=None)
 
-    def rollout(self, epoch: int) -> tuple[RolloutBatch, RolloutStats]:
+    def _generate_round(self, rows: list[dict], epoch: int, round_: int) -> Groups:
+        """G completions for each of ``rows``, with rewards and group advantages."""
         rank, _ = self._world()
-        rows = self._rollout_rows(epoch)
         G = self.num_generations
-        t0 = time.perf_counter()
-        self._sync_engine()
-        prompt_ids = self.encode_prompts([r["prompt"] for r in rows])
-        sampling = Sampling(n=G, temperature=self.temperature, top_p=self.top_p,
-                            max_new_tokens=self.max_new_tokens, seed=self.seed * 7919 + epoch * 104_729 + rank)
+        encoded = self.encoder.encode([r["prompt"] for r in rows])
+        sampling = Sampling(n=G, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                            seed=self.seed * 7919 + epoch * 104_729 + round_ * 1_000_003 + rank)
         with self.module.precision_context():  # HF generate samples under the training step's precision
-            gen = self.engine.generate(prompt_ids, sampling, self.module.policy)
-        t_gen = time.perf_counter() - t0
-
-        completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
+            gen = self.engine.generate(encoded.ids, sampling, self.module.policy)
+        texts = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
+        completions = completions_for_rewards(prompts, texts)
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         columns["completion_ids"] = gen.token_ids  # as TRL passes them (length-based rewards read them)
-        per_func = score_completions(self.reward_funcs, prompts, completions, columns)
-        rewards = rewards_to_tensor(combined_rewards(self.reward_funcs, self.reward_weights, prompts, completions,
-                                                     columns, per_func))
-        # The accuracy reward is usually one of the reward functions: reuse its scores, don't verify twice.
-        known = next((v for f, v in zip(self.reward_funcs, per_func) if f is self.accuracy_reward), None)
-        correct = self._correct(prompts, completions, columns, known)
-        advantages = group_advantages(rewards, G)
+        scored = self.rewarder.score(prompts, completions, columns)
+        rewards = rewards_to_tensor(scored.total)
+        return Groups(G=G, rows=rows, prompt_ids=encoded.ids, prompt_truncated=encoded.truncated,
+                      completion_ids=gen.token_ids, completions=completions, truncated=list(gen.truncated),
+                      engine_logprobs=gen.logprobs, rewards=rewards, correct=torch.tensor(scored.correct),
+                      timed_out=torch.tensor(scored.timed_out, dtype=torch.bool),
+                      advantages=group_advantages(rewards, G))
 
-        batch = build_rollout_batch(
-            prompt_ids=[p for p in prompt_ids for _ in range(G)], completion_ids=gen.token_ids,
-            pad_id=self.tokenizer.pad_token_id, advantages=advantages, rewards=rewards,
-            engine_logprobs=gen.logprobs, temperature=self.temperature)
-        truncated = torch.tensor(gen.truncated, dtype=torch.float32)
-        if self.mask_truncated:
-            batch.completion_mask &= ~truncated.bool().unsqueeze(1)
-        zero_groups = (advantages.view(-1, G) == 0).all(dim=1)
-        keep = torch.ones(len(batch), dtype=torch.bool)
-        if self.drop_zero_std_groups:
-            keep = ~zero_groups.repeat_interleave(G)
-        dropped_groups = int((~keep).sum()) // G
-        # Rows are dropped before scoring: scoring uses the minibatches training will cut, and
-        # nothing is spent on rows that are never trained on.
-        batch = self._apply_dynamic_sampling(batch, keep).to(self.module.device)
+    def _fewest(self, count: int) -> int:
+        """The smallest ``count`` over ranks (every rank calls this together)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return count
+        t = torch.tensor([count], dtype=torch.long, device=self.module.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
+    def rollout(self, epoch: int) -> tuple[RolloutBatch, RolloutStats]:
+        _, world = self._world()
+        t0 = time.perf_counter()
+        self._sync_engine()
+        start = self.walk.epoch_start(epoch)
+        P = self.prompts_per_rollout
+        sampled = sample_rounds(lambda r: self._generate_round(self._rows_at(start + r * P), epoch, r),
+                                needed=P // world, dynamic=self.drop_zero_std_groups,
+                                max_rounds=self.max_sampling_rounds, fewest=self._fewest)
+        self.walk.finished(epoch, start, sampled.rounds)
+        t_gen = time.perf_counter() - t0
+        if sampled.padded:
+            self._say(f"dynamic sampling: after {sampled.rounds} rounds (data.max_sampling_rounds) only "
+                      f"{len(sampled.chosen) - len(sampled.padded)} of {len(sampled.chosen)} prompt groups had reward "
+                      "variance; the rest are zero-variance groups trained with no weight")
+        batch = self._build(sampled)
         t1 = time.perf_counter()
         batch = self.module.score_rollout(batch, self.minibatch_indices(len(batch), epoch)[0])
         t_score = time.perf_counter() - t1
@@ -285,48 +337,38 @@ class RolloutDataModule(L.LightningDataModule):
         if batch.engine_logprobs is not None:
             diff = (batch.engine_logprobs - batch.old_logprobs).abs()[batch.completion_mask].float().cpu()
         if self.tis_cap is not None:
-            is_weights = self._apply_tis(batch)
-        stats = RolloutStats(
-            epoch=epoch, rewards=rewards, correct=correct,
-            response_lengths=torch.tensor([len(c) for c in gen.token_ids], dtype=torch.float32),
-            truncated=truncated, zero_std_groups=int(zero_groups.sum()), num_groups=len(rows),
-            dropped_groups=dropped_groups, generation_time_s=t_gen, scoring_time_s=t_score,
-            rollout_time_s=time.perf_counter() - t0, generated_tokens=sum(len(c) for c in gen.token_ids),
-            engine_logprob_diff=diff,
-            samples=[{"prompt": prompts[i], "completion": completions[i],
-                      "reward": None if rewards[i].isnan() else float(rewards[i])}
-                     for i in range(0, len(prompts), G)][: self.num_samples_logged],
-            is_weights=is_weights, is_cap=self.tis_cap or 0.0)
-        return batch, stats
+            if batch.engine_logprobs is None:
+                raise ConfigError("data.tis_cap needs the rollout engine's log-probs: set "
+                                  "data.engine.init_args.return_logprobs: true")
+            is_weights = apply_tis(batch, self.tis_cap)
+        return batch, self._stats(epoch, sampled, t0, t_gen, t_score, diff, is_weights)
 
-    def _apply_tis(self, batch: RolloutBatch) -> torch.Tensor:
-        """Weight each token by min(pi_old / pi_engine, cap). A positive, detached weight on a token's
-        term equals scaling its advantage (the clip decisions depend only on the sign of A), so the
-        correction becomes per-token advantages and every loss supports it unchanged."""
-        if batch.engine_logprobs is None:
-            raise ConfigError("data.tis_cap needs the rollout engine's log-probs: set "
-                              "data.engine.init_args.return_logprobs: true")
-        w = truncated_is_weights(batch.old_logprobs, batch.engine_logprobs, batch.completion_mask, self.tis_cap)
-        adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(1)
-        batch.advantages = adv * w  # [B, Lc]
-        return w[batch.completion_mask].float().cpu()
+    def _build(self, sampled: SampledRollout) -> RolloutBatch:
+        """The trained groups packed into one batch on the module's device, filler and (with
+        ``mask_truncated``) truncated completions masked."""
+        groups = sampled.generated.take(sampled.chosen)
+        G = self.num_generations
+        batch = build_rollout_batch(
+            prompt_ids=[p for p in groups.prompt_ids for _ in range(G)], completion_ids=groups.completion_ids,
+            pad_id=self.tokenizer.pad_token_id, advantages=groups.advantages, rewards=groups.rewards,
+            engine_logprobs=groups.engine_logprobs, temperature=self.temperature)
+        if self.mask_truncated:
+            batch.completion_mask &= ~torch.tensor(groups.truncated, dtype=torch.bool).unsqueeze(1)
+        if sampled.padded:
+            batch.completion_mask[len(sampled.chosen) * G - len(sampled.padded) * G:] = False
+        return batch.to(self.module.device)
 
-    def _correct(self, prompts, completions, columns, values=None) -> torch.Tensor:
-        if values is None:
-            values = score_completions([self.accuracy_reward], prompts, completions, columns)[0]
-        return torch.tensor([1.0 if v is not None and v >= 1.0 - 1e-6 else 0.0 for v in values])
-
-    def _apply_dynamic_sampling(self, batch: RolloutBatch, keep: torch.Tensor) -> RolloutBatch:
-        """Drop zero-variance groups. Every rank must still serve the same number of minibatches, so
-        at least one row per minibatch is kept; rows kept only for that get an empty mask (no weight)."""
-        if keep.all():
-            return batch
-        needed = self.num_minibatches(len(batch))
-        if int(keep.sum()) < needed:
-            extra = (~keep).nonzero().flatten()[: needed - int(keep.sum())]
-            batch.completion_mask[extra.to(batch.completion_mask.device)] = False
-            keep[extra] = True
-        return batch.select(keep.nonzero().flatten().to(batch.input_ids.device))
+    def _stats(self, epoch, sampled: SampledRollout, t0, t_gen, t_score, diff, is_weights) -> RolloutStats:
+        stats = rollout_stats(sampled, epoch=epoch, generation_time_s=t_gen, scoring_time_s=t_score,
+                              rollout_time_s=time.perf_counter() - t0, engine_logprob_diff=diff,
+                              is_weights=is_weights, is_cap=self.tis_cap or 0.0, samples=self.num_samples_logged)
+        if stats.prompt_truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            self._say(f"data.max_prompt_length: {stats.prompt_truncated} of {stats.num_groups} prompts of this "
+                      f"rollout were longer than {self.max_prompt_length} tokens and lost their first tokens "
+                      "(logged as rollout/prompt_truncated_frac); raise it, or set data.filter_overlong_prompts: "
+                      "true to drop such prompts at load")
+        return stats
 
     def num_minibatches(self, rollout_size: int | None = None) -> int:
         """Optimizer steps per pass: fixed by the configured sizes, the same on every rank."""
@@ -351,28 +393,19 @@ class RolloutDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:
             return []
+        if self._val_rows is None:
+            self._val_rows = self._loaded("data.val_data", self.val_data)
         rank, world = self._world()
-        all_rows = self.val_data.rows()
-        per_rank = math.ceil(len(all_rows) / world)
-        rows = all_rows[rank::world]
-        # Every rank runs the same number of steps (sharded generation is a collective); a rank
-        # short of rows repeats one with weight 0, so the global accuracy is over the real rows only.
-        rows = rows + [{**all_rows[0], "_weight": 0.0}] * (per_rank - len(rows))
-        chunks = [rows[i : i + self.val_batch_size] for i in range(0, len(rows), self.val_batch_size)]
+        chunks = validation_chunks(self._val_rows, rank, world, self.val_batch_size)
         return DataLoader(_Items(chunks), batch_size=None, collate_fn=lambda x: x)
 
     def evaluate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy completions of ``rows``: (1.0 where the accuracy reward says correct, row weight)."""
         self._sync_engine()
-        prompt_ids = self.encode_prompts([r["prompt"] for r in rows])
-        with self.module.precision_context():
-            gen = self.engine.generate(prompt_ids, Sampling(n=1, greedy=True, max_new_tokens=self.val_max_new_tokens),
-                                       self.module.policy)
-        completions = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_weight")}
-        columns["completion_ids"] = gen.token_ids
-        weight = torch.tensor([r.get("_weight", 1.0) for r in rows])
-        correct = self._correct([r["prompt"] for r in rows], completions, columns)
+        correct, weight = evaluate_rows(rows, encoder=self.encoder, engine=self.engine, policy=self.module.policy,
+                                        tokenizer=self.tokenizer, rewarder=self.rewarder,
+                                        max_new_tokens=self.val_max_new_tokens,
+                                        precision_context=self.module.precision_context)
         return correct.to(self.module.device), weight.to(self.module.device)
 
 

@@ -36,3 +36,15 @@ def truncated_is_weights(old_logprobs: Tensor, engine_logprobs: Tensor, mask: Te
     # Clamp the log-ratio, not the ratio: exp of a huge difference would overflow to inf first.
     weights = log_ratio.clamp(max=torch.log(torch.tensor(cap, dtype=dtype)).item()).exp()  # [B, T]
     return torch.where(mask.bool(), weights, torch.zeros_like(weights))
+
+
+def apply_tis(batch, cap: float) -> Tensor:
+    """Weight each token of ``batch`` (a ``RolloutBatch`` with engine log-probs) by
+    ``min(pi_old / pi_engine, cap)``, returning the valid tokens' weights for the logs. A positive,
+    detached weight on a token's term equals scaling its advantage (the clip decisions depend only on
+    the sign of A), so the correction becomes per-token advantages ``[B, T]`` and every loss supports
+    it unchanged."""
+    w = truncated_is_weights(batch.old_logprobs, batch.engine_logprobs, batch.completion_mask, cap)
+    adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages.unsqueeze(1)
+    batch.advantages = adv * w  # [B, T]
+    return w[batch.completion_mask].float().cpu()

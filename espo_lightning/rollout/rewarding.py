@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Callable
 
 from espo_lightning.errors import RewardError
+from espo_lightning.rollout.reward_pool import RewardPool, Task
 
 
 def reward_name(func) -> str:
@@ -79,3 +81,79 @@ def combined_rewards(funcs: list[Callable], weights: list[float], prompts: list[
         total = sum(w * float(x) for w, x in scored)
         out.append(None if not scored or not math.isfinite(total) else total)
     return out
+
+
+@dataclass
+class Rewards:
+    """The rewards of one batch of completions."""
+
+    total: list[float | None]  # weighted sum; None where no function could score
+    correct: list[float]  # 1.0 where the accuracy reward says correct
+    timed_out: list[bool]  # a function hit data.reward_timeout_s on this completion
+
+
+class Rewarder:
+    """Scores completions with the DataModule's reward functions, in this process or in a pool of
+    worker processes with a per-completion time limit (``reward_pool.RewardPool``).
+
+    Args:
+        funcs: Reward functions (TRL convention).
+        weights: One weight per function.
+        accuracy: The function whose 1.0 means "correct" (reused when it is one of ``funcs``).
+        workers: Worker processes; 0 scores in this process.
+        timeout_s: Per-completion wall-clock limit in the workers (None: none).
+    """
+
+    def __init__(self, funcs: list[Callable], weights: list[float], accuracy: Callable, workers: int = 0,
+                 timeout_s: float | None = None):
+        self.funcs, self.weights, self.accuracy = list(funcs), list(weights), accuracy
+        self.workers, self.timeout_s = workers, timeout_s
+        self._pool = None
+
+    def _all_funcs(self) -> list[Callable]:
+        return self.funcs + ([] if any(f is self.accuracy for f in self.funcs) else [self.accuracy])
+
+    def _per_func(self, funcs, prompts, completions, columns) -> tuple[list[list[float | None]], list[bool]]:
+        if self.workers == 0:
+            return score_completions(funcs, prompts, completions, columns), [False] * len(completions)
+        if self._pool is None:
+            all_funcs = self._all_funcs()
+            self._pool = RewardPool(all_funcs, [reward_name(f) for f in all_funcs], self.workers, self.timeout_s)
+        slots = [next(k for k, g in enumerate(self._all_funcs()) if g is f) for f in funcs]
+        tasks = [Task(func=k, index=i) for i in range(len(completions)) for k in slots]
+        outcomes = self._pool.run(tasks, prompts, completions, columns)
+        per_func = [[None] * len(completions) for _ in funcs]
+        timed_out = [False] * len(completions)
+        for task, outcome in outcomes.items():
+            j, func = slots.index(task.func), funcs[slots.index(task.func)]
+            if outcome.kind == "timeout":
+                timed_out[task.index] = True
+            elif outcome.kind == "error":
+                raise RewardError(f"reward function {reward_name(func)} raised on completion {task.index} "
+                                  f"({outcome.message})")
+            elif len(outcome.values) != 1:
+                raise RewardError(f"reward function {reward_name(func)} returned {len(outcome.values)} values for "
+                                  "1 completion")
+            else:
+                per_func[j][task.index] = _as_reward(func, outcome.values[0], task.index)
+        return per_func, timed_out
+
+    def score(self, prompts: list, completions: list, columns: dict[str, list]) -> Rewards:
+        funcs = self._all_funcs()
+        per_func, timed_out = self._per_func(funcs, prompts, completions, columns)
+        total = combined_rewards(self.funcs, self.weights, prompts, completions, columns, per_func[: len(self.funcs)])
+        accuracy = per_func[next(k for k, f in enumerate(funcs) if f is self.accuracy)]
+        return Rewards(total=total, correct=_correct(accuracy), timed_out=timed_out)
+
+    def correct(self, prompts: list, completions: list, columns: dict[str, list]) -> list[float]:
+        """Only the accuracy reward's verdicts (validation)."""
+        return _correct(self._per_func([self.accuracy], prompts, completions, columns)[0][0])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def _correct(values: list[float | None]) -> list[float]:
+    return [1.0 if v is not None and v >= 1.0 - 1e-6 else 0.0 for v in values]

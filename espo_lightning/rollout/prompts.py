@@ -1,0 +1,71 @@
+"""Prompts into token ids, and completions into the form reward functions receive.
+
+Text prompts are encoded as they are, or wrapped as one user message when ``use_chat_template`` is
+set; conversational prompts (TRL's list of ``{role, content}`` messages) always go through the chat
+template, and a final assistant message is continued rather than closed (TRL's bootstrap). Reward
+functions get text completions for text prompts and ``[{"role": "assistant", "content": ...}]`` for
+conversational ones, as TRL's ``GRPOTrainer`` passes them.
+
+A prompt longer than ``max_prompt_length`` tokens keeps its last tokens (the question and the
+generation prompt sit at the end) and is counted; ``filter_overlong_prompts`` drops such rows when
+the data loads instead."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from espo_lightning.data.messages import is_conversational
+from espo_lightning.errors import ConfigError
+
+
+@dataclass
+class EncodedPrompts:
+    ids: list[list[int]]  # at most max_prompt_length tokens each
+    truncated: list[bool]  # True where the prompt lost its first tokens
+
+
+class PromptEncoder:
+    """Encodes prompts with one tokenizer and the DataModule's prompt settings."""
+
+    def __init__(self, tokenizer, max_prompt_length: int, use_chat_template: bool = False,
+                 system_prompt: str | None = None):
+        self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
+        self.use_chat_template, self.system_prompt = use_chat_template, system_prompt
+
+    def full_ids(self, prompt: Any) -> list[int]:
+        """The prompt's token ids before any cut."""
+        tok = self.tokenizer
+        if not (self.use_chat_template or is_conversational(prompt)):
+            return list(tok.encode(str(prompt), add_special_tokens=True))
+        if not getattr(tok, "chat_template", None):
+            what = "data.use_chat_template" if not is_conversational(prompt) else "conversational prompts"
+            raise ConfigError(f"{what}: the tokenizer has no chat template; give text prompts"
+                              + (" or set it to false" if not is_conversational(prompt) else ""))
+        messages = list(prompt) if is_conversational(prompt) else [{"role": "user", "content": str(prompt)}]
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        bootstrap = messages[-1]["role"] == "assistant"
+        ids = tok.apply_chat_template(messages, add_generation_prompt=not bootstrap, continue_final_message=bootstrap,
+                                      tokenize=True, return_dict=False)
+        return list(ids)
+
+    def encode(self, prompts: list) -> EncodedPrompts:
+        full = [self.full_ids(p) for p in prompts]
+        return EncodedPrompts(ids=[x[-self.max_prompt_length:] for x in full],
+                              truncated=[len(x) > self.max_prompt_length for x in full])
+
+    def fits(self, prompt: Any) -> bool:
+        return len(self.full_ids(prompt)) <= self.max_prompt_length
+
+
+def completions_for_rewards(prompts: list, texts: list[str]) -> list:
+    """Each completion as reward functions receive it: text, or one assistant message (holding the
+    continued assistant text first, where the prompt ended with one) for conversational prompts."""
+    out = []
+    for prompt, text in zip(prompts, texts):
+        if is_conversational(prompt):
+            bootstrap = prompt[-1]["content"] if prompt[-1]["role"] == "assistant" else ""
+            out.append([{"role": "assistant", "content": bootstrap + text}])
+        else:
+            out.append(text)
+    return out

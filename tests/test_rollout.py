@@ -228,3 +228,25 @@ def test_reward_functions_receive_completion_ids_as_in_trl(tiny_model_dir):
     lengths = batch.completion_mask.sum(-1)
     expected = torch.where(lengths <= 2, 0.0, (2.0 - lengths) / 2)
     torch.testing.assert_close(batch.rewards, expected.float())
+
+
+def _first_group_varies(prompts, completions, **kw):
+    """Rewards that vary in the first prompt group of each call only: one group with variance per
+    sampling round, whatever was sampled."""
+    return [float(i % 2) if i < 4 else 0.0 for i in range(len(completions))]
+
+
+def test_dynamic_sampling_refills_rounds_and_keeps_the_rollout_full(tiny_model_dir):
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4, minibatch_size=8,
+                        drop_zero_std_groups=True, reward_funcs=[_first_group_varies])
+    batch, stats = dm.rollout(epoch=0)
+    assert stats.sampling_rounds == 4 and stats.num_groups == 16 and stats.dropped_groups == 12
+    assert len(batch) == 16 and batch.completion_mask.any(dim=1).float().mean() > 0.5
+    assert batch.advantages.view(4, 4).ne(0).any(dim=1).all()  # every trained group has variance
+    assert [len(m) for m in dm.minibatches(batch, 0)] == [8, 8]
+    # the walk moved past all 4 rounds' prompts: the next epoch draws fresh ones
+    assert dm.walk.next_start == 16 and dm.walk.epoch_start(1) == 16 and dm.walk.epoch_start(0) == 0
+    state = dm.state_dict()
+    fresh = RolloutDataModule(train_data=AdditionSource(num_problems=50, seed=3), reward_funcs=[exact_match])
+    fresh.load_state_dict(state)
+    assert fresh.walk.epoch_start(1) == 16

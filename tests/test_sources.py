@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -211,3 +212,95 @@ def test_real_gsm8k_file_feeds_math_accuracy():
     subset = FilePromptSource(str(GSM8K), limit=64, shuffle_seed=1).rows()
     answers = [r["answer"] for r in subset]
     assert math_accuracy(prompts=[r["prompt"] for r in subset], completions=answers, answer=answers) == [1.0] * 64
+
+
+# ------------------------------------------------------------------ conversational prompt rows
+CHAT = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}], "solution": "2"},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "solution": "4"}]
+
+
+def test_conversational_rows_keep_their_messages(tmp_path):
+    rows = FilePromptSource(write_jsonl(tmp_path / "chat.jsonl", CHAT), prompt_column="prompt",
+                            answer_column="solution").rows()
+    assert rows[0]["prompt"] == CHAT[0]["prompt"] and rows[1]["prompt"] == CHAT[1]["prompt"]
+    assert rows[0]["solution"] == "2" and rows[0]["answer"] == "2"
+
+
+def test_a_template_rewrites_the_last_user_message_of_a_conversation(tmp_path):
+    rows = FilePromptSource(write_jsonl(tmp_path / "chat.jsonl", CHAT), prompt_column="prompt",
+                            answer_column="solution", prompt_template="{prompt} Put it in \\boxed{{}}.").rows()
+    assert rows[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert rows[0]["prompt"][1] == {"role": "user", "content": "1+1? Put it in \\boxed{}."}
+    assert CHAT[0]["prompt"][1]["content"] == "1+1?"  # the records themselves are untouched
+
+
+@pytest.mark.parametrize("prompt, problem", [
+    ([{"role": "user"}], "message 1 (user) has no text 'content'"),
+    ([{"role": "robot", "content": "hi"}], "message 1 has role 'robot'"),
+    ([{"role": "system", "content": "x"}], "the prompt has no user message with text"),
+    (["just a string"], "message 1 of the prompt is not a {role, content} dict"),
+    ([], "a conversational prompt must be a non-empty list"),
+])
+def test_bad_conversations_name_the_row(tmp_path, prompt, problem):
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT[1], {"prompt": prompt, "solution": "1"}])
+    with pytest.raises(ValueError, match="chat.jsonl: row 2, column 'prompt' \\(prompt_column\\): " + re.escape(problem)):
+        FilePromptSource(path, prompt_column="prompt", answer_column="solution").rows()
+
+
+# ------------------------------------------------------------------------- datasets.load_dataset
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network: load_dataset must work from the local files alone. The libraries read these
+    variables when imported, so their module-level copies are set too."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def test_hf_dataset_source_reads_local_json_and_parquet(tmp_path, offline):
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from espo_lightning.data.hf_dataset import HFDatasetSource
+
+    jsonl = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    parquet = tmp_path / "test.parquet"
+    pq.write_table(pa.Table.from_pylist(RECORDS), parquet)
+    rows = HFDatasetSource("json", data_files=str(jsonl), prompt_template="{prompt} ({unit})").rows()
+    assert [r["prompt"] for r in rows] == ["1+1? (apples)", "2+2? (pears)", "3+3? (plums)"]
+    assert rows[2]["answer"] == "#### 6"
+    split = HFDatasetSource("parquet", data_files={"test": str(parquet)}, split="test[:2]").rows()
+    assert [r["question"] for r in split] == ["1+1?", "2+2?"]
+    chat = HFDatasetSource("json", data_files=str(write_jsonl(tmp_path / "chat.jsonl", CHAT)), prompt_column="prompt",
+                           answer_column="solution").rows()
+    assert chat[1]["prompt"] == [{"role": "user", "content": "2+2?"}]
+
+
+def test_hf_dataset_source_errors_name_the_dataset_split_and_row(tmp_path, offline):
+    pytest.importorskip("datasets")
+    from espo_lightning.data.hf_dataset import HFDatasetSource
+
+    jsonl = write_jsonl(tmp_path / "train.jsonl", RECORDS + [{"question": " ", "answer": "1"}])
+    with pytest.raises(ValueError, match=r"json\[train\]: row 4 has an empty prompt"):
+        HFDatasetSource("json", data_files=str(jsonl)).rows()
+    with pytest.raises(ValueError, match=r"json\[test\]: datasets.load_dataset failed: Unknown split"):
+        HFDatasetSource("json", data_files=str(jsonl), split="test").rows()
+    with pytest.raises(ValueError, match=r"no-such-user/no-such-dataset\[train\]: datasets.load_dataset failed"):
+        HFDatasetSource("no-such-user/no-such-dataset").rows()
+
+
+def test_hf_dataset_source_bad_rows_fail_at_check_data_naming_the_row(tmp_path, offline):
+    """Before any model loads: the config key, the dataset and split, the row."""
+    from espo_lightning.rollout.datamodule import RolloutDataModule
+    from espo_lightning.data.hf_dataset import HFDatasetSource
+
+    jsonl = write_jsonl(tmp_path / "train.jsonl", [{"question": "1+1?", "answer": "2"}, {"question": "x"}])
+    dm = RolloutDataModule(train_data=HFDatasetSource("json", data_files=str(jsonl)), reward_funcs=[math_accuracy])
+    with pytest.raises(ValueError, match=r"data.train_data: json\[train\]: row 2 has an empty \(null\) value in column 'answer'"):
+        dm.check_data()

@@ -1,0 +1,42 @@
+"""Reward functions for the worker-pool tests. They live in a module (not inside a test) because
+the pool's spawned workers import them by name, as they import functions named in configs."""
+from __future__ import annotations
+
+import os
+import time
+
+from espo_lightning.rewards.math import completion_text
+
+
+def slow_on_stall(prompts, completions, **kw):
+    """1.0 per completion; a completion reading "stall" sleeps far past any test timeout first."""
+    out = []
+    for c in completions:
+        if completion_text(c) == "stall":
+            time.sleep(600)
+        out.append(1.0)
+    return out
+
+
+def length_reward(prompts, completions, **kw):
+    return [float(len(completion_text(c))) for c in completions]
+
+
+def raises_on_bad(prompts, completions, **kw):
+    if any(completion_text(c) == "bad" for c in completions):
+        raise KeyError("no gold answer")
+    return [0.5] * len(completions)
+
+
+def dies_on_crash(prompts, completions, **kw):
+    if any(completion_text(c) == "crash" for c in completions):
+        os._exit(3)  # as a segfaulting verifier would
+    return [0.0] * len(completions)
+
+
+def returns_text(prompts, completions, **kw):
+    return ["yes"] * len(completions)
+
+
+def pid_reward(prompts, completions, **kw):
+    return [float(os.getpid())] * len(completions)

@@ -40,3 +40,16 @@ def returns_text(prompts, completions, **kw):
 
 def pid_reward(prompts, completions, **kw):
     return [float(os.getpid())] * len(completions)
+
+
+class StallOnPrompt:
+    """1.0 per completion, except that completions of one prompt stall (a verifier hanging on one
+    problem). A class instance, as configs give parameterised rewards."""
+
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+
+    def __call__(self, prompts, completions, **kw):
+        if any(p == self.prompt for p in prompts):
+            time.sleep(600)
+        return [1.0] * len(completions)

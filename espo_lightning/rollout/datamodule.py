@@ -218,7 +218,7 @@ class RolloutDataModule(L.LightningDataModule):
             if not rows:
                 raise ConfigError(f"{key}: the prompt source returned no rows")
             where = getattr(source, "where", None) or getattr(source, "path", None) or type(source).__name__
-            for func in self.rewarder._all_funcs():  # reward functions that can check their columns up front
+            for func in self.rewarder.all_funcs():  # reward functions that can check their columns up front
                 check = getattr(func, "check_rows", None)
                 if check is not None:
                     try:

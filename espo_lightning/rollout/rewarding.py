@@ -1,5 +1,10 @@
 """Scoring completions with a weighted list of TRL-style reward functions.
 
+``Rewarder`` is what the DataModule uses: the weighted total, the accuracy reward's verdicts and
+the timeouts of one batch, scored in this process or in a pool of worker processes with a
+per-completion time limit (``reward_pool``). ``score_completions`` / ``combined_rewards`` are the
+in-process steps.
+
 A reward function that raises, returns the wrong number of values, or returns something that is not
 a number or None stops the run with a ``RewardError`` naming the function by import path and the
 completion. A NaN (or infinity) from one function means that function could not score that
@@ -110,16 +115,17 @@ class Rewarder:
         self.workers, self.timeout_s = workers, timeout_s
         self._pool = None
 
-    def _all_funcs(self) -> list[Callable]:
+    def all_funcs(self) -> list[Callable]:
+        """The reward functions, and the accuracy reward when it is not one of them."""
         return self.funcs + ([] if any(f is self.accuracy for f in self.funcs) else [self.accuracy])
 
     def _per_func(self, funcs, prompts, completions, columns) -> tuple[list[list[float | None]], list[bool]]:
         if self.workers == 0:
             return score_completions(funcs, prompts, completions, columns), [False] * len(completions)
         if self._pool is None:
-            all_funcs = self._all_funcs()
+            all_funcs = self.all_funcs()
             self._pool = RewardPool(all_funcs, [reward_name(f) for f in all_funcs], self.workers, self.timeout_s)
-        slots = [next(k for k, g in enumerate(self._all_funcs()) if g is f) for f in funcs]
+        slots = [next(k for k, g in enumerate(self.all_funcs()) if g is f) for f in funcs]
         tasks = [Task(func=k, index=i) for i in range(len(completions)) for k in slots]
         outcomes = self._pool.run(tasks, prompts, completions, columns)
         per_func = [[None] * len(completions) for _ in funcs]
@@ -139,7 +145,7 @@ class Rewarder:
         return per_func, timed_out
 
     def score(self, prompts: list, completions: list, columns: dict[str, list]) -> Rewards:
-        funcs = self._all_funcs()
+        funcs = self.all_funcs()
         per_func, timed_out = self._per_func(funcs, prompts, completions, columns)
         total = combined_rewards(self.funcs, self.weights, prompts, completions, columns, per_func[: len(self.funcs)])
         accuracy = per_func[next(k for k, f in enumerate(funcs) if f is self.accuracy)]

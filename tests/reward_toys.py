@@ -53,3 +53,12 @@ class StallOnPrompt:
         if any(p == self.prompt for p in prompts):
             time.sleep(600)
         return [1.0] * len(completions)
+
+
+def varies_by_rank(prompts, completions, **kw):
+    """On rank 0 every prompt group (of 2) has reward variance; on rank 1 only the first group of
+    each call: rank 1 needs more sampling rounds than rank 0."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return [float(i % 2) if rank == 0 or i < 2 else 0.0 for i in range(len(completions))]

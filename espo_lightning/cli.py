@@ -8,6 +8,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from espo_lightning.checkpointing import RolloutCheckpoint
 from espo_lightning.cli_errors import one_line
 from espo_lightning.distributed import shutdown
 from espo_lightning.errors import ConfigError
@@ -25,6 +26,10 @@ TRAINER_DEFAULTS = {
 
 
 class ESPOLightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always on, configured under the top-level `checkpoint:` key: last.ckpt after every rollout.
+        parser.add_lightning_class_args(RolloutCheckpoint, "checkpoint")
+
     def instantiate_classes(self) -> None:
         # Constructors validate their arguments with ValueError; at this point that is always a
         # config mistake, so report it as one line rather than a traceback.
@@ -35,6 +40,24 @@ class ESPOLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.datamodule.check_data()
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self._last_checkpoint()
+        if config.get("ckpt_path"):
+            # The greedy evaluation before the first update was done by the run being resumed.
+            self.trainer.num_sanity_val_steps = 0
+
+    def _last_checkpoint(self) -> str | None:
+        """``--ckpt_path last``: the run folder's last.ckpt, or a fresh start when there is none yet
+        (so a preemptible job can always be launched with it)."""
+        callback = next(c for c in self.trainer.callbacks if isinstance(c, RolloutCheckpoint))
+        path = callback.resume_path(self.trainer)
+        if path is None:
+            print(f"--ckpt_path last: no checkpoint in {callback.folder(self.trainer)} yet; starting from scratch",
+                  file=sys.stderr)
+            return None
+        print(f"--ckpt_path last: resuming from {path}", file=sys.stderr)
+        return str(path)
 
     def before_validate(self) -> None:
         self.datamodule.check_data()

@@ -117,7 +117,9 @@ class PolicyModule(L.LightningModule):
         self.reference = None
         self.tokenizer = None
         self.val_accuracy = MeanMetric()
-        self.strict_loading = False  # the frozen reference is not checkpointed (it is reloadable)
+        # Loading is strict: the frozen reference, never saved, is put back explicitly in
+        # on_load_checkpoint, so any other missing or unexpected key is an error that names it.
+        self.strict_loading = True
         _check_optimizer(optimizer)
 
     # ----- models -----------------------------------------------------------------------------
@@ -329,9 +331,31 @@ class PolicyModule(L.LightningModule):
 
     # ----- checkpoints and export -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The frozen KL reference is left out: it is reloaded from ``model_name_or_path``."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Skip the reference explicitly (its current, freshly loaded weights stand in for the keys
+        the checkpoint leaves out), and fail naming any other key the checkpoint lacks or has extra.
+        Sharded (FSDP2) checkpoints load straight into the sharded model, strictly, with the
+        reference already left out of its state dict (``sharding.py``)."""
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        expected = self.state_dict()
+        for key, value in expected.items():
+            if key.startswith("reference.") and key not in state:
+                state[key] = value
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            parts = [f"{len(found)} {what} key(s) ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+                     for what, found in (("missing", missing), ("unexpected", unexpected)) if found]
+            raise ConfigError(f"{where} does not match model.model_name_or_path={self.model_name_or_path}: "
+                              f"{' and '.join(parts)}; resume with the model the run was trained from")
 
     def on_fit_end(self) -> None:
         if self.export_dir:

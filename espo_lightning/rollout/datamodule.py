@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from espo_lightning.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
+from espo_lightning.checkpointing import set_rng_state
+from espo_lightning.rollout import resume
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
@@ -42,17 +44,30 @@ warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` de
 
 
 class _Items(IterableDataset):
-    """A fixed list served in order. Iterable, so Lightning adds no DistributedSampler: the
-    sharding is ours (by prompt group for training, by row for validation)."""
+    """A fixed list served in order, from ``start`` on (a resumed rollout skips what was trained
+    on; its length stays the whole list's, as Lightning counts the skipped batches as done).
+    Iterable, so Lightning adds no DistributedSampler: the sharding is ours (by prompt group for
+    training, by row for validation)."""
 
-    def __init__(self, items: list):
-        self.items = items
+    def __init__(self, items: list, start: int = 0):
+        self.items, self.start = items, start
 
     def __iter__(self):
-        return iter(self.items)
+        return iter(self.items[self.start:])
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class _RolloutLoader(DataLoader):
+    """The rollout's minibatches. Its position lives in the DataModule's checkpoint state; the
+    (empty) state_dict tells Lightning the loader resumes where it was, which it does."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -176,6 +191,8 @@ class RolloutDataModule(L.LightningDataModule):
         self._engine_ready = False
         self._synced_step: int | None = None
         self._warned_truncation = self._warned_filler = False
+        self._current: tuple | None = None  # (epoch, batch, stats, minibatches) being trained on
+        self._restored: dict | None = None  # state from a checkpoint, used by the next train_dataloader
         self.walk = DataWalk(prompts_per_rollout, seed)
 
     # ----- plumbing ---------------------------------------------------------------------------
@@ -234,11 +251,31 @@ class RolloutDataModule(L.LightningDataModule):
         self.rewarder.close()
 
     def state_dict(self) -> dict:
-        """The data walk's position, so a resumed run draws the prompts the interrupted one would have."""
-        return {"walk": self.walk.state_dict()}
+        """The data walk's position, so a resumed run draws the prompts the interrupted one would
+        have; inside a rollout, every rank's rollout and the minibatches trained so far
+        (``resume``); at a rollout's end, which rollout is finished."""
+        state = {"walk": self.walk.state_dict(), "rollout": None, "finished_epoch": None}
+        current = self._current
+        trainer = self._trainer_or_none()
+        if current is None or trainer is None or not trainer.training:
+            return state
+        epoch, batch, stats, served = current
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if consumed >= served:
+            state["finished_epoch"] = epoch
+        else:
+            state["rollout"] = resume.gather(resume.rank_state(epoch, consumed, batch, stats))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.walk.load_state_dict(state.get("walk", {}))
+        self._restored = state
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def encode_prompts(self, prompts: list) -> list[list[int]]:
         """Token ids of ``prompts`` (text or messages), cut to ``max_prompt_length``."""
@@ -280,9 +317,25 @@ class RolloutDataModule(L.LightningDataModule):
     # ----- the rollout ------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch
-        batch, stats = self.rollout(epoch)
+        restored, self._restored = self._restored, None
+        served = self.num_minibatches() * self.ppo_epochs
+        if restored and restored.get("finished_epoch") == epoch:
+            # Lightning rebuilds the finished epoch's loader on an epoch-boundary resume and moves on
+            # without iterating it: hand it placeholders instead of generating a rollout to discard.
+            return _RolloutLoader(_Items([None] * served, start=served), batch_size=None)
+        start, (rank, world) = 0, self._world()
+        saved = restored and restored.get("rollout")
+        saved = resume.mine(saved, rank, world, epoch) if saved else None
+        if saved is not None:  # a checkpoint inside this rollout: train the rest of it
+            batch, stats, start = resume.restore_batch(saved, self.module.device), resume.restore_stats(saved), \
+                saved["consumed"]
+            set_rng_state(saved["rng"])
+        else:
+            batch, stats = self.rollout(epoch)
         self.last_rollout = stats
-        return DataLoader(_Items([ServedBatch(b) for b in self.minibatches(batch, epoch)]), batch_size=None)
+        self._current = (epoch, batch, stats, served)
+        items = [ServedBatch(b) for b in self.minibatches(batch, epoch)]
+        return _RolloutLoader(_Items(items, start=start), batch_size=None)
 
     def _generate_round(self, rows: list[dict], epoch: int, round_: int) -> Groups:
         """G completions for each of ``rows``, with rewards and group advantages."""

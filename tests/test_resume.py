@@ -77,6 +77,13 @@ def test_kill_mid_rollout_resumes_exactly(tiny_model_dir, tmp_path, reference):
     assert saved["global_step"] == 7 and saved["epoch"] == 2
     fit(tiny_model_dir, root, "--ckpt_path", "last")
     assert_same(final_weights(root), reference)
+    # every rollout's statistics are logged once over both runs' logs (the third by the resumed run,
+    # from the rollout restored with the checkpoint)
+    from test_fit_e2e import scalars
+
+    logged = [step for version in sorted((root / "lightning_logs").iterdir()) for step, _ in
+              scalars(version).get("reward/mean", [])]
+    assert len(logged) == EPOCHS and len(set(logged)) == EPOCHS, logged
 
 
 def test_kill_at_a_rollout_boundary_generates_nothing_twice(tiny_model_dir, tmp_path, reference):
@@ -99,3 +106,38 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dir, 
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     fit(tiny_model_dir, root, "--ckpt_path", "last")
     assert_same(final_weights(root), reference)
+
+
+FSDP = ("--data.prompts_per_rollout", "8", "--trainer.devices", "2")  # 16 responses per rank, as above
+
+
+@pytest.mark.distributed
+def test_kill_mid_rollout_under_fsdp2_resumes_exactly(tiny_model_dir, tmp_path):
+    """conf/quickstart_fsdp.yaml on 2 processes: sharded checkpoints (a folder each), each rank's
+    rollout rows saved with the checkpoint, the run killed inside the third rollout."""
+    config = "conf/quickstart_fsdp.yaml"
+    reference_root, root = tmp_path / "uninterrupted", tmp_path / "run"
+    fit(tiny_model_dir, reference_root, *FSDP, config=config)
+    fit(tiny_model_dir, root, *FSDP, "--trainer.callbacks+=resume_toys.KillAt", "--trainer.callbacks.init_args.step",
+        "8", config=config, expect_kill=True)
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
+    meta = torch.load(last / "meta.pt", weights_only=True)
+    assert meta["global_step"] == 7 and len(meta["RolloutDataModule"]["rollout"]) == 2  # both ranks' rows
+    fit(tiny_model_dir, root, *FSDP, "--ckpt_path", "last", config=config)
+    assert_same(final_weights(root), final_weights(reference_root))
+
+
+@pytest.mark.distributed
+def test_a_mid_rollout_checkpoint_refuses_another_number_of_ranks(tiny_model_dir, tmp_path):
+    config = "conf/quickstart_fsdp.yaml"
+    root = tmp_path / "run"
+    fit(tiny_model_dir, root, *FSDP, "--trainer.callbacks+=resume_toys.KillAt", "--trainer.callbacks.init_args.step",
+        "2", config=config, expect_kill=True)
+    args = [sys.executable, "-m", "espo_lightning", "fit", "--config", str(REPO / config), "--model.model_name_or_path",
+            tiny_model_dir, "--model.model_builder", "null", "--trainer.default_root_dir", str(root),
+            "--data.prompts_per_rollout", "8", "--trainer.devices", "1",
+            "--trainer.strategy.init_args.data_parallel_size", "1", "--ckpt_path", "last"]
+    proc = subprocess.run(args, cwd=TESTS, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "taken inside a rollout on 2 rank(s) and is resumed on 1" in proc.stderr.strip().splitlines()[-1]

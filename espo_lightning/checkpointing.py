@@ -110,7 +110,7 @@ class RolloutCheckpoint(Checkpoint):
             folder.mkdir(parents=True, exist_ok=True)
             _remove(tmp)  # the remains of a write a kill interrupted
         trainer.strategy.barrier("checkpoint-prepare")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimizer, loops, rollout
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             _flush(tmp)

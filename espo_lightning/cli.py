@@ -30,6 +30,11 @@ class ESPOLightningCLI(LightningCLI):
         # Always on, configured under the top-level `checkpoint:` key: last.ckpt after every rollout.
         parser.add_lightning_class_args(RolloutCheckpoint, "checkpoint")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        if config.get("enable_checkpointing") is False:  # the user's off switch covers ours too
+            callbacks = [c for c in callbacks if not isinstance(c, RolloutCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_classes(self) -> None:
         # Constructors validate their arguments with ValueError; at this point that is always a
         # config mistake, so report it as one line rather than a traceback.

@@ -117,9 +117,10 @@ class PolicyModule(L.LightningModule):
         self.reference = None
         self.tokenizer = None
         self.val_accuracy = MeanMetric()
-        # Loading is strict: the frozen reference, never saved, is put back explicitly in
-        # on_load_checkpoint, so any other missing or unexpected key is an error that names it.
+        # Loading is strict: the frozen reference, never saved, is skipped explicitly (a load hook
+        # takes its keys off the missing list), so any other missing or unexpected key is an error.
         self.strict_loading = True
+        self.register_load_state_dict_post_hook(_skip_reference)
         _check_optimizer(optimizer)
 
     # ----- models -----------------------------------------------------------------------------
@@ -337,18 +338,15 @@ class PolicyModule(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Skip the reference explicitly (its current, freshly loaded weights stand in for the keys
-        the checkpoint leaves out), and fail naming any other key the checkpoint lacks or has extra.
-        Sharded (FSDP2) checkpoints load straight into the sharded model, strictly, with the
-        reference already left out of its state dict (``sharding.py``)."""
+        """Fail naming any key the checkpoint lacks or has extra, other than the frozen reference's
+        (left out on save; ``_skip_reference`` lets strict loading pass over it and the freshly
+        loaded reference stands). Sharded (FSDP2) checkpoints load straight into the sharded model,
+        strictly, before this hook: a mismatch there raises torch's error listing the keys."""
         state = checkpoint.get("state_dict")
         if state is None:
             return
         expected = self.state_dict()
-        for key, value in expected.items():
-            if key.startswith("reference.") and key not in state:
-                state[key] = value
-        missing = [k for k in expected if k not in state]
+        missing = [k for k in expected if k not in state and not k.startswith("reference.")]
         unexpected = [k for k in state if k not in expected]
         if missing or unexpected:
             where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
@@ -386,3 +384,10 @@ def _disable_dropout(model: torch.nn.Module) -> None:
         for name in ("attention_dropout", "dropout", "dropout_rate", "attn_dropout"):
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
+
+
+def _skip_reference(module, incompatible_keys) -> None:
+    """The frozen reference is not in checkpoints (it is reloaded from the model path): its keys are
+    not missing."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("reference.")]

@@ -1,9 +1,10 @@
 """The embedded default: two-digit addition ("37+45=" -> "82") with a tiny Qwen2-architecture model
 and a character tokenizer that this project builds itself, so the quickstart needs no model hub.
 
-The model is warm-started by a short supervised phase so that RL starts well above zero reward
-(DESIGN.md section 4: after ~60 s of SFT it answers about 70% of held-out problems), then saved
-with ``save_pretrained``: the trainer loads it through the same ``from_pretrained`` path as any
+The model is warm-started by a short supervised phase until its greedy accuracy on a held-out probe
+lies in a target band (default 55-75%), so RL starts well above zero reward with room to improve on
+any machine (a fixed step count lands anywhere: the SFT trajectory is chaotic), then saved with
+``save_pretrained``: the trainer loads it through the same ``from_pretrained`` path as any
 real checkpoint."""
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -157,8 +158,6 @@ def _remove(path: Path) -> None:
 
 def rng_state() -> dict:
     """This process's torch RNG streams (CPU and CUDA), for an exact mid-rollout resume."""
-    import random
-
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -166,8 +165,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

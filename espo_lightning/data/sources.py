@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import string
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,13 @@ class TablePromptSource(PromptSource):
         self._rows: list[dict] | None = None
 
     @property
+    @abstractmethod
     def where(self) -> str:
         """How error messages name the table (a path, ``name[split]``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _records(self) -> list[dict]:
         """Every record of the table, in order."""
-        raise NotImplementedError
 
     def rows(self) -> list[dict]:
         """All selected rows; read and validated on the first call, cached afterwards."""

@@ -4,7 +4,8 @@ log-probs and entropies, and serves the result as minibatches for ``ppo_epochs``
 
 It is plumbing; the parts live beside it: ``prompts`` (encoding, chat template, what reward
 functions receive), ``sampling`` (rounds of dynamic sampling), ``rewarding`` (reward functions,
-worker pool), ``evaluation`` (validation), ``tensors`` (packing), ``mismatch`` (engine correction).
+worker pool), ``evaluation`` (validation), ``walk`` (which prompts), ``loaders``, ``resume`` (a rollout
+in a checkpoint), ``tensors`` (packing), ``mismatch`` (engine correction).
 
 Under several ranks each rank owns whole prompt groups (P / world_size prompts), so advantages need
 no communication; every rank serves the same number of minibatches so collectives stay in step."""
@@ -13,24 +14,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from espo_lightning.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
-from espo_lightning.checkpointing import set_rng_state
 from espo_lightning.rollout import resume
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
 from espo_lightning.rollout.evaluation import evaluate_rows, validation_chunks
+from espo_lightning.rollout.loaders import Items, RolloutLoader
 from espo_lightning.rollout.mismatch import apply_tis
-from espo_lightning.rollout.prompts import PromptEncoder, completions_for_rewards
+from espo_lightning.rollout.prompts import PromptEncoder, completions_for_rewards, drop_overlong
 from espo_lightning.rollout.rewarding import Rewarder
 from espo_lightning.rollout.sampling import Groups, SampledRollout, sample_rounds
 from espo_lightning.rollout.stats import RolloutStats, rollout_stats
@@ -38,37 +38,6 @@ from espo_lightning.rollout.tensors import build_rollout_batch
 from espo_lightning.rollout.walk import DataWalk
 
 log = logging.getLogger(__name__)
-
-# _Items defines __len__ on purpose (progress bar, epoch length) and is never split across workers.
-warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
-
-
-class _Items(IterableDataset):
-    """A fixed list served in order, from ``start`` on (a resumed rollout skips what was trained
-    on; its length stays the whole list's, as Lightning counts the skipped batches as done).
-    Iterable, so Lightning adds no DistributedSampler: the sharding is ours (by prompt group for
-    training, by row for validation)."""
-
-    def __init__(self, items: list, start: int = 0):
-        self.items, self.start = items, start
-
-    def __iter__(self):
-        return iter(self.items[self.start:])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class _RolloutLoader(DataLoader):
-    """The rollout's minibatches. Its position lives in the DataModule's checkpoint state; the
-    (empty) state_dict tells Lightning the loader resumes where it was, which it does."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
 
 class RolloutDataModule(L.LightningDataModule):
     """Generates, scores and serves one rollout per epoch.
@@ -157,21 +126,10 @@ class RolloutDataModule(L.LightningDataModule):
         _check(tis_cap is None or tis_cap > 0, "data.tis_cap", "must be > 0 (or null to disable)", tis_cap)
         _check(val_batch_size >= 1, "data.val_batch_size", "must be >= 1", val_batch_size)
         _check(max_sampling_rounds >= 1, "data.max_sampling_rounds", "must be >= 1", max_sampling_rounds)
-        _check(reward_workers >= 0, "data.reward_workers", "must be >= 0", reward_workers)
-        _check(reward_timeout_s is None or reward_timeout_s > 0, "data.reward_timeout_s", "must be > 0 (or null)",
-               reward_timeout_s)
-        if reward_timeout_s is not None and reward_workers == 0:
-            raise ConfigError("data.reward_timeout_s needs data.reward_workers >= 1: a call in the trainer's own "
-                              "process cannot be stopped safely")
-        if not reward_funcs:
-            raise ConfigError("data.reward_funcs: give at least one reward function")
-        if reward_weights is not None and len(reward_weights) != len(reward_funcs):
-            raise ConfigError(f"data.reward_weights: {len(reward_weights)} weights for {len(reward_funcs)} "
-                              "reward functions; give one weight per function")
+        self.rewarder = Rewarder(reward_funcs, reward_weights, accuracy_reward, reward_workers, reward_timeout_s)
         self.train_data, self.val_data = train_data, val_data
-        self.reward_funcs = list(reward_funcs)
-        self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_funcs)
-        self.accuracy_reward = accuracy_reward or reward_funcs[0]
+        self.reward_funcs, self.reward_weights = self.rewarder.funcs, self.rewarder.weights
+        self.accuracy_reward = self.rewarder.accuracy
         self.engine = engine if engine is not None else HFEngine()
         self.prompts_per_rollout, self.num_generations = prompts_per_rollout, num_generations
         self.minibatch_size, self.ppo_epochs = minibatch_size, ppo_epochs
@@ -181,8 +139,6 @@ class RolloutDataModule(L.LightningDataModule):
         self.drop_zero_std_groups, self.max_sampling_rounds = drop_zero_std_groups, max_sampling_rounds
         self.mask_truncated, self.tis_cap = mask_truncated, tis_cap
         self.reward_workers, self.reward_timeout_s = reward_workers, reward_timeout_s
-        self.rewarder = Rewarder(self.reward_funcs, self.reward_weights, self.accuracy_reward, reward_workers,
-                                 reward_timeout_s)
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
         self.val_batch_size, self.num_samples_logged, self.seed = val_batch_size, num_samples_logged, seed
         self.last_rollout: RolloutStats | None = None
@@ -252,30 +208,14 @@ class RolloutDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """The data walk's position, so a resumed run draws the prompts the interrupted one would
-        have; inside a rollout, every rank's rollout and the minibatches trained so far
-        (``resume``); at a rollout's end, which rollout is finished."""
-        state = {"walk": self.walk.state_dict(), "rollout": None, "finished_epoch": None}
-        current = self._current
-        trainer = self._trainer_or_none()
-        if current is None or trainer is None or not trainer.training:
-            return state
-        epoch, batch, stats, served = current
-        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if consumed >= served:
-            state["finished_epoch"] = epoch
-        else:
-            state["rollout"] = resume.gather(resume.rank_state(epoch, consumed, batch, stats))
-        return state
+        have, and where training is in the current rollout (``resume.checkpoint_state``)."""
+        trainer = self.trainer if getattr(self.trainer, "training", False) else None
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else None
+        return {"walk": self.walk.state_dict(), **resume.checkpoint_state(self._current, consumed)}
 
     def load_state_dict(self, state: dict) -> None:
         self.walk.load_state_dict(state.get("walk", {}))
         self._restored = state
-
-    def _trainer_or_none(self):
-        try:
-            return self.trainer
-        except RuntimeError:
-            return None
 
     def encode_prompts(self, prompts: list) -> list[list[int]]:
         """Token ids of ``prompts`` (text or messages), cut to ``max_prompt_length``."""
@@ -287,14 +227,10 @@ class RolloutDataModule(L.LightningDataModule):
             raise ConfigError(f"{key}: the prompt source returned no rows")
         if not self.filter_overlong_prompts:
             return rows
-        encoder = self.encoder
-        kept = [r for r in rows if encoder.fits(r["prompt"])]
+        kept = drop_overlong(rows, self.encoder, key)
         if len(kept) < len(rows):
             self._say(f"{key}: data.filter_overlong_prompts dropped {len(rows) - len(kept)} of {len(rows)} prompts "
                       f"longer than data.max_prompt_length={self.max_prompt_length} tokens")
-        if not kept:
-            raise ConfigError(f"{key}: every prompt is longer than data.max_prompt_length={self.max_prompt_length} "
-                              "tokens; raise it or set data.filter_overlong_prompts: false to cut prompts")
         return kept
 
     def _rows(self) -> list[dict]:
@@ -322,20 +258,12 @@ class RolloutDataModule(L.LightningDataModule):
         if restored and restored.get("finished_epoch") == epoch:
             # Lightning rebuilds the finished epoch's loader on an epoch-boundary resume and moves on
             # without iterating it: hand it placeholders instead of generating a rollout to discard.
-            return _RolloutLoader(_Items([None] * served, start=served), batch_size=None)
-        start, (rank, world) = 0, self._world()
-        saved = restored and restored.get("rollout")
-        saved = resume.mine(saved, rank, world, epoch) if saved else None
-        if saved is not None:  # a checkpoint inside this rollout: train the rest of it
-            batch, stats, start = resume.restore_batch(saved, self.module.device), resume.restore_stats(saved), \
-                saved["consumed"]
-            set_rng_state(saved["rng"])
-        else:
-            batch, stats = self.rollout(epoch)
+            return RolloutLoader([None] * served, start=served)
+        saved = resume.restore(restored, epoch, *self._world(), self.module.device) if restored else None
+        batch, stats, start = saved if saved is not None else (*self.rollout(epoch), 0)
         self.last_rollout = stats
         self._current = (epoch, batch, stats, served)
-        items = [ServedBatch(b) for b in self.minibatches(batch, epoch)]
-        return _RolloutLoader(_Items(items, start=start), batch_size=None)
+        return RolloutLoader([ServedBatch(b) for b in self.minibatches(batch, epoch)], start=start)
 
     def _generate_round(self, rows: list[dict], epoch: int, round_: int) -> Groups:
         """G completions for each of ``rows``, with rewards and group advantages."""
@@ -452,7 +380,7 @@ class RolloutDataModule(L.LightningDataModule):
             self._val_rows = self._loaded("data.val_data", self.val_data)
         rank, world = self._world()
         chunks = validation_chunks(self._val_rows, rank, world, self.val_batch_size)
-        return DataLoader(_Items(chunks), batch_size=None, collate_fn=lambda x: x)
+        return DataLoader(Items(chunks), batch_size=None, collate_fn=lambda x: x)
 
     def evaluate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy completions of ``rows``: (1.0 where the accuracy reward says correct, row weight)."""

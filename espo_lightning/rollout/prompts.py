@@ -58,6 +58,16 @@ class PromptEncoder:
         return len(self.full_ids(prompt)) <= self.max_prompt_length
 
 
+def drop_overlong(rows: list[dict], encoder: PromptEncoder, key: str) -> list[dict]:
+    """The rows whose prompt fits ``max_prompt_length`` (``filter_overlong_prompts``); none fitting
+    is an error naming the config key of the source."""
+    kept = [r for r in rows if encoder.fits(r["prompt"])]
+    if not kept:
+        raise ConfigError(f"{key}: every prompt is longer than data.max_prompt_length={encoder.max_prompt_length} "
+                          "tokens; raise it or set data.filter_overlong_prompts: false to cut prompts")
+    return kept
+
+
 def completions_for_rewards(prompts: list, texts: list[str]) -> list:
     """Each completion as reward functions receive it: text, or one assistant message (holding the
     continued assistant text first, where the prompt ended with one) for conversational prompts."""

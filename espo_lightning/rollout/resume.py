@@ -14,7 +14,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from espo_lightning.checkpointing import rng_state
+from espo_lightning.checkpointing import rng_state, set_rng_state
 from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.batch import RolloutBatch
 from espo_lightning.rollout.stats import RolloutStats
@@ -61,3 +61,30 @@ def restore_batch(state: dict, device) -> RolloutBatch:
 
 def restore_stats(state: dict) -> RolloutStats | None:
     return RolloutStats(**state["stats"]) if state.get("stats") is not None else None
+
+
+def checkpoint_state(current: tuple | None, consumed: int | None) -> dict:
+    """The DataModule's rollout part of a checkpoint. ``current`` is (epoch, batch, stats, number of
+    minibatches) of the rollout being trained, ``consumed`` the minibatches trained so far (None
+    outside training). Inside a rollout: every rank's rollout (gathered to rank 0); at its end: only
+    which epoch is finished."""
+    state = {"rollout": None, "finished_epoch": None}
+    if current is None or consumed is None:
+        return state
+    epoch, batch, stats, served = current
+    if consumed >= served:
+        state["finished_epoch"] = epoch
+    else:
+        state["rollout"] = gather(rank_state(epoch, consumed, batch, stats))
+    return state
+
+
+def restore(state: dict, epoch: int, rank: int, world: int, device) -> tuple | None:
+    """(batch, stats, minibatches already trained) of ``epoch``'s rollout from a checkpoint taken
+    inside it, with this rank's RNG streams put back; None when the checkpoint holds no such rollout."""
+    saved = state.get("rollout")
+    saved = mine(saved, rank, world, epoch) if saved else None
+    if saved is None:
+        return None
+    set_rng_state(saved["rng"])
+    return restore_batch(saved, device), restore_stats(saved), saved["consumed"]

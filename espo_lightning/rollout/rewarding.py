@@ -16,7 +16,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable
 
-from espo_lightning.errors import RewardError
+from espo_lightning.errors import ConfigError, RewardError
 from espo_lightning.rollout.reward_pool import RewardPool, Task
 
 
@@ -109,9 +109,24 @@ class Rewarder:
         timeout_s: Per-completion wall-clock limit in the workers (None: none).
     """
 
-    def __init__(self, funcs: list[Callable], weights: list[float], accuracy: Callable, workers: int = 0,
-                 timeout_s: float | None = None):
-        self.funcs, self.weights, self.accuracy = list(funcs), list(weights), accuracy
+    def __init__(self, funcs: list[Callable], weights: list[float] | None = None, accuracy: Callable | None = None,
+                 workers: int = 0, timeout_s: float | None = None):
+        # The settings are the DataModule's; errors name them by its config keys.
+        if not funcs:
+            raise ConfigError("data.reward_funcs: give at least one reward function")
+        if weights is not None and len(weights) != len(funcs):
+            raise ConfigError(f"data.reward_weights: {len(weights)} weights for {len(funcs)} reward functions; "
+                              "give one weight per function")
+        if workers < 0:
+            raise ConfigError(f"data.reward_workers must be >= 0, got {workers!r}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ConfigError(f"data.reward_timeout_s must be > 0 (or null), got {timeout_s!r}")
+        if timeout_s is not None and workers == 0:
+            raise ConfigError("data.reward_timeout_s needs data.reward_workers >= 1: a call in the trainer's own "
+                              "process cannot be stopped safely")
+        self.funcs = list(funcs)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
+        self.accuracy = accuracy or self.funcs[0]
         self.workers, self.timeout_s = workers, timeout_s
         self._pool = None
 

@@ -102,7 +102,7 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str, options
     from torch.utils.data import DataLoader
 
     from espo_lightning.module import PolicyModule
-    from espo_lightning.rollout.datamodule import _Items
+    from espo_lightning.rollout.loaders import Items
     from espo_lightning.distributed import shutdown
     from espo_lightning.sharding import full_state_dict
 
@@ -114,7 +114,7 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str, options
             rank, world = self.trainer.global_rank, self.trainer.world_size
             batch = torch.load(batch_path, weights_only=False)
             mine = batch.select(torch.arange(rank, len(batch), world)).trimmed()
-            return DataLoader(_Items([mine, mine]), batch_size=None)
+            return DataLoader(Items([mine, mine]), batch_size=None)
 
     class Steps(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -132,9 +132,9 @@ class _Fixed(L.LightningDataModule):
         self.batch = batch
 
     def train_dataloader(self):
-        from espo_lightning.rollout.datamodule import _Items
+        from espo_lightning.rollout.loaders import Items
 
-        return DataLoader(_Items([self.batch, self.batch]), batch_size=None)
+        return DataLoader(Items([self.batch, self.batch]), batch_size=None)
 
 
 class _Outputs(L.Callback):

@@ -7,28 +7,30 @@ import json
 import pytest
 import torch
 
-from espo_lightning.tasks.addition import (AdditionModelBuilder, build_model, build_tokenizer, problems,
-                                           warm_start)
+from espo_lightning.tasks.addition import AdditionModelBuilder, AdditionTask, problems
+from espo_lightning.tasks.warm_start import build_model, build_tokenizer, warm_start
+
+TASK = AdditionTask()
 
 
 def _model():
-    tok = build_tokenizer()
+    tok = build_tokenizer(TASK.symbols)
     return build_model(tok, hidden_size=32, num_layers=1, seed=0), tok
 
 
 def test_a_band_that_holds_at_once_stops_at_the_first_probe():
     model, tok = _model()
-    out = warm_start(model, tok, steps=50, batch_size=8, band=(0.0, 1.0), check_every=5, probe=problems(8, 1))
+    out = warm_start(model, tok, TASK, steps=50, batch_size=8, band=(0.0, 1.0), check_every=5, probe=problems(8, 1))
     assert out.steps == 5 and out.accuracy is not None
 
 
 def test_a_probe_past_the_band_replays_the_same_trajectory_step_by_step():
     plain, tok = _model()
-    warm_start(plain, tok, steps=6, batch_size=8)
+    warm_start(plain, tok, TASK, steps=6, batch_size=8)
     banded, _ = _model()
     # every accuracy is above this band: after the first probe (step 3) it rewinds to step 0 and
     # replays with a probe after every step, to the budget
-    out = warm_start(banded, tok, steps=6, batch_size=8, band=(-1.0, -0.5), check_every=3, probe=problems(8, 1))
+    out = warm_start(banded, tok, TASK, steps=6, batch_size=8, band=(-1.0, -0.5), check_every=3, probe=problems(8, 1))
     assert out.steps == 6
     for (name, a), b in zip(plain.state_dict().items(), banded.state_dict().values()):
         assert torch.equal(a, b), name

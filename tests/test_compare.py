@@ -1,0 +1,134 @@
+"""``python -m espo_lightning.compare``: the comparison file is checked, the statistics are right by
+hand, and a minimal comparison (2 methods x 1 seed x 2 rollouts of real training) writes its report
+and figures, skips finished runs when run again, restarts an unfinished one, and redraws with
+``--report-only``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from espo_lightning.compare.__main__ import main
+from espo_lightning.compare.curves import RunCurves, band, spearman, time_to_target
+from espo_lightning.compare.plan import load_plan
+from espo_lightning.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, **raw) -> Path:
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_plan_composes_base_overlays_and_seeds(tmp_path):
+    plan = load_plan(_write(tmp_path, base=str(REPO / "conf/chain.yaml"), methods={"ESPO": [], "GSPO": str(REPO / "conf/gspo.yaml")},
+                            seeds=[0, 1], overrides=["--trainer.max_epochs=3"], target_accuracy=0.7))
+    runs = plan.runs(tmp_path / "out")
+    assert [(r.method, r.seed) for r in runs] == [("ESPO", 0), ("ESPO", 1), ("GSPO", 0), ("GSPO", 1)]
+    gspo = runs[3].command
+    assert gspo[gspo.index("fit") + 1:][:4] == ["--config", str(REPO / "conf/chain.yaml"), "--config", str(REPO / "conf/gspo.yaml")]
+    assert "--seed_everything=1" in gspo and gspo[-1] == "--trainer.max_epochs=3"
+    assert f"--trainer.default_root_dir={tmp_path / 'out' / 'runs' / 'GSPO' / 'seed1'}" in gspo
+    assert plan.target_accuracy == 0.7
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"methods": {"A": []}, "seeds": [0]}, "'base' is required"),
+    ({"base": "conf/chain.yaml", "methods": {"A": []}, "seeds": [0], "sedes": 1}, r"unknown key\(s\) \['sedes'\]"),
+    ({"base": "conf/chain.yaml", "methods": {"A": []}, "seeds": [0, 0]}, "'seeds' must be a non-empty list of distinct"),
+    ({"base": "conf/nope.yaml", "methods": {"A": []}, "seeds": [0]}, "config file conf/nope.yaml does not exist"),
+    ({"base": "conf/chain.yaml", "methods": {"a/b": []}, "seeds": [0]}, "method names become folder names"),
+    ({"base": "conf/chain.yaml", "methods": {"A": []}, "seeds": [0], "overrides": ["max_epochs=3"]}, "'overrides' must be"),
+    ({"base": "conf/chain.yaml", "methods": {"A": []}, "seeds": [0], "target_accuracy": 2}, "'target_accuracy' must be"),
+])
+def test_plan_mistakes_are_one_line_naming_the_key(tmp_path, monkeypatch, raw, match):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=match):
+        load_plan(_write(tmp_path, **raw))
+
+
+def test_the_shipped_comparison_file_parses(monkeypatch):
+    monkeypatch.chdir(REPO)  # it names configs relative to the repository root
+    plan = load_plan("conf/compare.yaml")
+    assert {"ESPO", "GSPO", "GRPO", "DAPO"} <= set(plan.methods) and len(plan.seeds) >= 3
+
+
+def test_spearman_by_hand():
+    assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 30.0, 40.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([4.0, 3.0, 1.0, 2.0])) == pytest.approx(-0.8)
+    # ties take the mean rank: ranks (0, 1.5, 1.5, 3) vs (0, 1, 2, 3): r = 4.5 / sqrt(4.5 * 5)
+    assert spearman(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(4.5 / np.sqrt(22.5))
+    assert np.isnan(spearman(np.array([1.0, 2.0]), np.array([2.0, 1.0])))
+
+
+def _run(seed: int, accuracy: list[float], walls: list[float], reward: list[float]) -> RunCurves:
+    # 4 optimizer steps per rollout; validation before the first update and after rollouts 2 and 4
+    tags = {"val/accuracy": (np.array([0, 7, 15]), np.array(accuracy), np.array(walls)),
+            "reward/mean": (np.array([3, 7, 11, 15]), np.array(reward), np.array(walls[:1] * 4) + 1.0)}
+    return RunCurves("M", seed, tags, steps_per_rollout=4)
+
+
+def test_rollouts_time_to_target_and_band_by_hand():
+    a = _run(0, [0.3, 0.6, 0.8], [100.0, 130.0, 170.0], [0.1, 0.2, 0.3, 0.4])
+    b = _run(1, [0.4, 0.5, 0.9], [200.0, 220.0, 260.0], [0.3, 0.2, 0.5, 0.6])
+    assert list(a.series("val/accuracy").x) == [0, 2, 4] and list(a.series("reward/mean").x) == [1, 2, 3, 4]
+    assert time_to_target(a, 0.6) == (30.0, 2.0) and time_to_target(b, 0.6) == (60.0, 4.0)
+    assert time_to_target(a, 0.95) == (None, None)
+    rewards = band([a, b], "reward/mean")
+    np.testing.assert_allclose(rewards.mean, [0.2, 0.2, 0.4, 0.5])
+    np.testing.assert_allclose(rewards.low, [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(rewards.high, [0.3, 0.2, 0.5, 0.6])
+
+
+FIGURES = {"accuracy.png", "clip_fractions.png", "entropy_vs_clip.png", "gradient_utilization.png",
+           "response_length.png", "step_time.png"}
+
+
+@pytest.mark.slow
+def test_minimal_comparison_writes_report_and_figures_and_resumes(tmp_path, tiny_model_dir, capsys):
+    config = _write(tmp_path, base=str(REPO / "conf/quickstart.yaml"),
+                    methods={"ESPO": [], "GSPO": [str(REPO / "conf/gspo.yaml")]}, seeds=[0], target_accuracy=0.05,
+                    overrides=[f"--model.model_name_or_path={tiny_model_dir}", "--model.model_builder=null",
+                               "--model.export_dir=null", "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1",
+                               "--data.prompts_per_rollout=4", "--data.num_generations=4", "--data.minibatch_size=8",
+                               "--data.val_data.init_args.num_problems=8", "--data.val_batch_size=8"])
+    out = tmp_path / "out"
+    main(["--config", str(config), "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert FIGURES <= {p.name for p in out.glob("*.png")}
+    for name in FIGURES:
+        assert f"]({name})" in report
+    assert f"--config {config} --out {out}" in report and "Commit:" in report
+    assert "| ESPO | 0 |" in report and "| GSPO | 0 |" in report
+    for claim in ("1. *GSPO", "2. *ESPO", "3. *ESPO"):
+        assert claim in report
+    marker = json.loads((out / "runs" / "GSPO" / "seed0" / "compare_run.json").read_text())
+    assert marker["command"][-1] == "--data.val_batch_size=8"
+
+    # Interrupted: one run left unfinished. Only that one trains again; the other is skipped.
+    (out / "runs" / "GSPO" / "seed0" / "compare_run.json").unlink()
+    espo_events = sorted((out / "runs" / "ESPO").rglob("events.out.tfevents*"))
+    capsys.readouterr()
+    main(["--config", str(config), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "ESPO seed 0: finished before, skipped" in err and "GSPO seed 0: unfinished run folder cleared" in err
+    assert sorted((out / "runs" / "ESPO").rglob("events.out.tfevents*")) == espo_events
+
+    for png in out.glob("*.png"):
+        png.unlink()
+    main(["--config", str(config), "--out", str(out), "--report-only"])
+    assert FIGURES <= {p.name for p in out.glob("*.png")}
+    assert "report redone from its run folders with `--report-only`" in (out / "report.md").read_text()
+
+
+def test_report_only_without_runs_is_an_error(tmp_path, capsys):
+    config = _write(tmp_path, base=str(REPO / "conf/chain.yaml"), methods={"ESPO": []}, seeds=[0])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--out", str(tmp_path / "none"), "--report-only"])
+    assert exit_info.value.code == 2
+    assert "no finished runs of this comparison" in capsys.readouterr().err

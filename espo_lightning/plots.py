@@ -8,7 +8,8 @@ folders below it hold event files, the most recently written one is used. Severa
 in each figure (ESPO vs GSPO vs GRPO). Figures, written as PNG into ``--out``:
 
 - ``clip_fractions.png``: ``clip/low`` and ``clip/high`` over optimizer steps.
-- ``entropy_vs_clip.png``: ``entropy/mean`` over steps, and ``clip/total`` against ``entropy/mean``.
+- ``entropy_vs_clip.png``: per run, ``entropy/mean`` (left axis) and ``clip/total`` (right axis) over steps,
+  per-rollout aggregates (``_epoch``) where logged.
 - ``entropy_groups.png``: per entropy group k, ``entropy_group/<k>/epsilon_mean`` and ``/clip_frac``
   over steps (runs without entropy groups, e.g. GRPO, are left out of this one).
 
@@ -93,12 +94,6 @@ def entropy_groups(scalars: dict[str, Series]) -> list[int]:
     return sorted(ks)
 
 
-def _paired(x: Series, y: Series) -> tuple[np.ndarray, np.ndarray]:
-    """Values of two series at the steps both have."""
-    steps, ix, iy = np.intersect1d(x[0], y[0], return_indices=True)
-    return x[1][ix], y[1][iy]
-
-
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -125,24 +120,29 @@ def plot_clip_fractions(runs, out: Path, smoothing: float, plt) -> Path | None:
 
 
 def plot_entropy_vs_clip(runs, out: Path, smoothing: float, plt) -> Path | None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    drawn = False
-    for i, (label, scalars) in enumerate(runs):
-        entropy, clip = pick(scalars, "entropy/mean"), pick(scalars, "clip/total")
-        if entropy is not None:
-            left.plot(entropy[0], smooth(entropy[1], smoothing), color=f"C{i}", label=label)
-            drawn = True
-        if entropy is not None and clip is not None:
-            x, y = _paired(entropy, clip)
-            if len(x):
-                right.plot(x, y, "-o", color=f"C{i}", markersize=3, alpha=0.8, label=label)
-                right.plot(x[-1:], y[-1:], "s", color=f"C{i}", markersize=7)  # the end of training
-    if not drawn:
-        plt.close(fig)
+    """One panel per run: mean token entropy (left axis) and clip fraction (right axis) over steps,
+    so "clip rises as entropy falls" reads off each panel (the paper's Fig. 5) without the zigzag of
+    joining per-step (entropy, clip) points of overlapping runs."""
+    # Per-rollout aggregates where logged: per step, the first minibatch of every rollout is on-policy
+    # (nothing clipped), which turns the clip curve into a sawtooth.
+    def per_rollout(scalars, tag):
+        return scalars[tag + "_epoch"] if len(scalars.get(tag + "_epoch", ((),))[0]) else pick(scalars, tag)
+
+    drawable = [(label, s) for label, s in runs if per_rollout(s, "entropy/mean") is not None]
+    if not drawable:
         return None
-    _style(left, "Mean token entropy", "step", "entropy (nats)")
-    _style(right, "Clip fraction against entropy (square: last step)", "mean entropy (nats)", "clip fraction")
-    left.legend()
+    fig, axes = plt.subplots(1, len(drawable), figsize=(5.4 * len(drawable), 3.8), squeeze=False)
+    for ax, (label, scalars) in zip(axes[0], drawable):
+        twin = ax.twinx()
+        for axis, tag, color, name in ((ax, "entropy/mean", "C0", "mean token entropy (nats)"),
+                                       (twin, "clip/total", "C3", "clip fraction")):
+            series = per_rollout(scalars, tag)
+            if series is not None:
+                axis.plot(series[0], smooth(series[1], smoothing), color=color)
+                axis.set_ylabel(name, color=color)
+                axis.tick_params(axis="y", colors=color)
+        _style(ax, f"{label}: entropy and clip fraction", "step", "mean token entropy (nats)")
+        ax.yaxis.label.set_color("C0")
     return _save(fig, out / "entropy_vs_clip.png", plt)
 
 

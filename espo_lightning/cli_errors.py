@@ -8,8 +8,8 @@ import re
 ALLOWED = {
     "model.loss": "espo_lightning.losses.{ESPOLoss, GSPOLoss, GRPOLoss, CISPOLoss, GMPOLoss} or a PolicyLoss subclass",
     "data.engine": "espo_lightning.rollout.engines.{HFEngine, VLLMEngine} or a RolloutEngine subclass",
-    "data.train_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource or a PromptSource subclass",
-    "data.val_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource or a PromptSource subclass",
+    "data.train_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource, espo_lightning.tasks.chain.ChainSource or a PromptSource subclass",
+    "data.val_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource, espo_lightning.tasks.chain.ChainSource or a PromptSource subclass",
     "data.reward_funcs": "import paths of reward functions, e.g. espo_lightning.rewards.math_accuracy",
 }
 

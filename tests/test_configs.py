@@ -16,7 +16,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
                  "--trainer.strategy=auto", "--trainer.precision=32-true"]
 # Baselines are written to compose on top of the quickstart.
-OVERLAYS = {"gspo.yaml", "grpo.yaml", "dapo.yaml"}
+OVERLAYS = {"gspo.yaml", "grpo.yaml", "dapo.yaml", "cispo.yaml"}
+# Files of `python -m espo_lightning.compare`, not trainer configs (their methods are built below).
+COMPARISONS = {"compare.yaml"}
 
 
 def build(args: list[str]) -> ESPOLightningCLI:
@@ -26,7 +28,7 @@ def build(args: list[str]) -> ESPOLightningCLI:
                             run=False, args=args)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONF.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONF.glob("*.yaml") if p.name not in COMPARISONS))
 def test_config_instantiates(name, tmp_path):
     configs = ["--config", str(CONF / "quickstart.yaml")] if name in OVERLAYS else []
     configs += ["--config", str(CONF / name)]
@@ -45,6 +47,20 @@ def test_baselines_select_their_losses(tmp_path):
     assert grpo.model.loss_fn.loss_aggregation == "token_mean" and grpo.datamodule.drop_zero_std_groups
     gspo = build(["--config", str(CONF / "quickstart.yaml"), "--config", str(CONF / "gspo.yaml")])
     assert isinstance(gspo.model.loss_fn, GSPOLoss)
+
+
+def test_every_method_of_the_comparison_instantiates(tmp_path, monkeypatch):
+    from espo_lightning.compare.plan import load_plan
+
+    monkeypatch.chdir(CONF.parent)  # the comparison names configs relative to the repository root
+    plan = load_plan("conf/compare.yaml")
+    losses = {"ESPO": "ESPOLoss", "GSPO": "GSPOLoss", "GRPO": "GRPOLoss", "DAPO": "GRPOLoss", "CISPO": "CISPOLoss"}
+    for method, overlays in plan.methods.items():
+        configs = [arg for path in plan.base + overlays for arg in ("--config", path)]
+        cli = build(configs + plan.overrides + [f"--trainer.default_root_dir={tmp_path}"])
+        assert type(cli.model.loss_fn).__name__ == losses[method], method
+        assert cli.datamodule.drop_zero_std_groups == (method == "DAPO"), method
+        assert type(cli.datamodule.train_data).__name__ == "ChainSource"
 
 
 def test_paper_config_values():

@@ -1,10 +1,11 @@
 """``python -m espo_lightning.compare``: the comparison file is checked, the statistics are right by
 hand, and a minimal comparison (2 methods x 1 seed x 2 rollouts of real training) writes its report
-and figures, skips finished runs when run again, restarts an unfinished one, and redraws with
-``--report-only``."""
+and figures, skips its finished runs when run again and redraws with ``--report-only``; the runner
+restarts an unfinished run and stops on a failed one (real subprocesses)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import yaml
 
 from espo_lightning.compare.__main__ import main
 from espo_lightning.compare.curves import RunCurves, band, spearman, time_to_target
-from espo_lightning.compare.plan import load_plan
+from espo_lightning.compare.plan import Run, load_plan
+from espo_lightning.compare.runner import MARKER, RunFailed, execute, finished
 from espo_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def test_plan_composes_base_overlays_and_seeds(tmp_path):
     assert [(r.method, r.seed) for r in runs] == [("ESPO", 0), ("ESPO", 1), ("GSPO", 0), ("GSPO", 1)]
     gspo = runs[3].command
     assert gspo[gspo.index("fit") + 1:][:4] == ["--config", str(REPO / "conf/chain.yaml"), "--config", str(REPO / "conf/gspo.yaml")]
-    assert "--seed_everything=1" in gspo and gspo[-1] == "--trainer.max_epochs=3"
+    assert "--seed_everything=1" in gspo and "--data.seed=1" in gspo and gspo[-1] == "--trainer.max_epochs=3"
     assert f"--trainer.default_root_dir={tmp_path / 'out' / 'runs' / 'GSPO' / 'seed1'}" in gspo
     assert plan.target_accuracy == 0.7
 
@@ -110,20 +112,44 @@ def test_minimal_comparison_writes_report_and_figures_and_resumes(tmp_path, tiny
     marker = json.loads((out / "runs" / "GSPO" / "seed0" / "compare_run.json").read_text())
     assert marker["command"][-1] == "--data.val_batch_size=8"
 
-    # Interrupted: one run left unfinished. Only that one trains again; the other is skipped.
-    (out / "runs" / "GSPO" / "seed0" / "compare_run.json").unlink()
-    espo_events = sorted((out / "runs" / "ESPO").rglob("events.out.tfevents*"))
+    # Run again: both finished, nothing trains; the report is redone.
     capsys.readouterr()
     main(["--config", str(config), "--out", str(out)])
     err = capsys.readouterr().err
-    assert "ESPO seed 0: finished before, skipped" in err and "GSPO seed 0: unfinished run folder cleared" in err
-    assert sorted((out / "runs" / "ESPO").rglob("events.out.tfevents*")) == espo_events
+    assert "ESPO seed 0: finished before, skipped" in err and "GSPO seed 0: finished before, skipped" in err
 
     for png in out.glob("*.png"):
         png.unlink()
     main(["--config", str(config), "--out", str(out), "--report-only"])
     assert FIGURES <= {p.name for p in out.glob("*.png")}
     assert "report redone from its run folders with `--report-only`" in (out / "report.md").read_text()
+
+
+def _runs(tmp_path, *scripts) -> list[Run]:
+    return [Run("M", seed, tmp_path / f"seed{seed}", [sys.executable, "-c", script]) for seed, script in enumerate(scripts)]
+
+
+def test_runner_skips_finished_runs_and_restarts_unfinished_ones(tmp_path):
+    runs = _runs(tmp_path, "print('zero')", "print('one')")
+    execute(runs, log=lambda m: None)
+    assert all(finished(r) for r in runs) and (runs[1].folder / "train.log").read_text() == "one\n"
+    (runs[0].folder / MARKER).unlink()  # interrupted: trained but not marked
+    (runs[0].folder / "stale").write_text("half a run")
+    messages = []
+    execute(runs, log=messages.append)
+    assert any("M seed 0: unfinished run folder cleared" in m for m in messages)
+    assert any("M seed 1: finished before, skipped" in m for m in messages)
+    assert not (runs[0].folder / "stale").exists() and finished(runs[0])
+    changed = _runs(tmp_path, "print('zero')", "print('changed')")  # another command is another run
+    assert finished(changed[0]) and not finished(changed[1])
+
+
+def test_a_failed_run_stops_naming_the_run_its_last_line_and_log(tmp_path):
+    runs = _runs(tmp_path, "import sys; print('error: data.train_data: no rows'); sys.exit(2)", "print('never')")
+    with pytest.raises(RunFailed, match=r"M seed 0 failed \(exit 2\) after \d+s: error: data.train_data: no rows "
+                                        r"\(full log: .*seed0/train.log\)"):
+        execute(runs, log=lambda m: None)
+    assert not finished(runs[0]) and not runs[1].folder.exists()
 
 
 def test_report_only_without_runs_is_an_error(tmp_path, capsys):

@@ -36,7 +36,8 @@ class ComparePlan:
 
     def command(self, method: str, seed: int, out: Path) -> list[str]:
         configs = [arg for path in self.base + self.methods[method] for arg in ("--config", path)]
-        return [sys.executable, "-m", "espo_lightning", "fit", *configs, f"--seed_everything={seed}",
+        # data.seed drives prompt order and sampling; seed_everything the rest (initialisation, dropout)
+        return [sys.executable, "-m", "espo_lightning", "fit", *configs, f"--seed_everything={seed}", f"--data.seed={seed}",
                 f"--trainer.default_root_dir={out / 'runs' / method / f'seed{seed}'}", *self.overrides]
 
 

@@ -158,3 +158,29 @@ def test_report_only_without_runs_is_an_error(tmp_path, capsys):
         main(["--config", str(config), "--out", str(tmp_path / "none"), "--report-only"])
     assert exit_info.value.code == 2
     assert "no finished runs of this comparison" in capsys.readouterr().err
+
+
+def _espo_run(seed: int, entropy, clip, reward) -> RunCurves:
+    steps = np.arange(len(entropy)) * 4 + 3  # per-rollout aggregates at each rollout's last step
+    walls = np.arange(len(entropy), dtype=float)
+    return RunCurves("ESPO", seed, {"entropy/mean_epoch": (steps, np.array(entropy, float), walls),
+                                    "clip/total_epoch": (steps, np.array(clip, float), walls),
+                                    "reward/mean": (steps, np.array(reward, float), walls),
+                                    "entropy_group/0/clip_frac_epoch": (steps, np.zeros(len(entropy)), walls)},
+                     steps_per_rollout=4)
+
+
+def test_claim_two_needs_a_clear_negative_correlation_in_every_seed():
+    from espo_lightning.compare.plan import ComparePlan
+    from espo_lightning.compare.report import claim_entropy_clip, identical_seeds
+
+    plan = ComparePlan(base=[], methods={"ESPO": []}, seeds=[0, 1])
+    falling = [0.5, 0.4, 0.3, 0.2, 0.1]
+    rising = [0.1, 0.2, 0.3, 0.25, 0.4]
+    held = claim_entropy_clip({"ESPO": [_espo_run(0, falling, rising, [0] * 5), _espo_run(1, falling, rising, [1] * 5)]}, plan)
+    assert "**held**" in held and "seed 0: rank correlation(entropy, clip) -0.90" in held
+    weak = claim_entropy_clip({"ESPO": [_espo_run(0, falling, rising, [0] * 5),
+                                        _espo_run(1, falling, [0.2, 0.1, 0.3, 0.25, 0.15], [1] * 5)]}, plan)
+    assert "**not held**" in weak and "seed 1: rank correlation(entropy, clip) -0.10" in weak
+    same = {"ESPO": [_espo_run(0, falling, rising, [0.2] * 5), _espo_run(1, falling, rising, [0.2] * 5)]}
+    assert identical_seeds(same) == ["ESPO"] and identical_seeds({"ESPO": same["ESPO"][:1]}) == []

@@ -124,6 +124,12 @@ def test_minimal_comparison_writes_report_and_figures_and_resumes(tmp_path, tiny
     assert FIGURES <= {p.name for p in out.glob("*.png")}
     assert "report redone from its run folders with `--report-only`" in (out / "report.md").read_text()
 
+    # A run trained outside this command (no marker) is reported as found, and named.
+    (out / "runs" / "GSPO" / "seed0" / "compare_run.json").unlink()
+    main(["--config", str(config), "--out", str(out), "--report-only"])
+    report = (out / "report.md").read_text()
+    assert "| GSPO | 0 |" in report and "without a finished marker (trained outside this command, or interrupted): GSPO seed 0" in report
+
 
 def _runs(tmp_path, *scripts) -> list[Run]:
     return [Run("M", seed, tmp_path / f"seed{seed}", [sys.executable, "-c", script]) for seed, script in enumerate(scripts)]

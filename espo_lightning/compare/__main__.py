@@ -18,9 +18,13 @@ from pathlib import Path
 from espo_lightning.compare import figures, report
 from espo_lightning.compare.curves import load_run
 from espo_lightning.compare.plan import load_plan
-from espo_lightning.compare.runner import RunFailed, execute, finished
+from espo_lightning.compare.runner import MARKER, RunFailed, execute, finished
 from espo_lightning.errors import ConfigError
 from espo_lightning.plots import NoEventsError
+
+
+def has_events(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.rglob("events.out.tfevents*"))
 
 
 def _log(message: str) -> None:
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--report-dir", help="folder for report.md and its figures (default: --out), e.g. docs/compare "
                         "to keep the report apart from the run folders")
     parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: redo report.md and the figures from the finished runs in --out")
+                        help="train nothing: redo report.md and the figures from the run folders in --out (also "
+                             "runs trained outside this command, e.g. the --dry-run commands on a cluster)")
     parser.add_argument("--dry-run", action="store_true", help="print each run's training command and stop")
     args = parser.parse_args(argv)
     try:
@@ -48,12 +53,17 @@ def main(argv: list[str] | None = None) -> Path:
             return out
         if not args.report_only:
             execute(runs, log=_log)
-        done = [r for r in runs if finished(r)]
+        # --report-only also takes run folders trained outside this command (e.g. the --dry-run
+        # commands launched on a cluster), which have logs but no marker; the report names them.
+        unmarked = [r for r in runs if args.report_only and not finished(r) and has_events(r.folder)]
+        done = [r for r in runs if finished(r) or r in unmarked]
         if not done:
             raise ConfigError(f"--out {out}: no finished runs of this comparison to report on")
         for run in runs:
             if run not in done:
                 _log(f"{run.method} seed {run.seed}: not finished, left out of the report")
+            elif run in unmarked:
+                _log(f"{run.method} seed {run.seed}: no {MARKER} (trained elsewhere or interrupted); reported as found")
         groups: dict = {}
         for run in done:
             groups.setdefault(run.method, []).append(load_run(run.folder, run.method, run.seed))
@@ -61,7 +71,8 @@ def main(argv: list[str] | None = None) -> Path:
         written = figures.render(report_dir, groups, plan.smooth)
         # The command that trains and reports; a --report-only redo says so beside it.
         command = "python -m espo_lightning.compare " + shlex.join([a for a in argv if a != "--report-only"])
-        path = report.write(report_dir, plan, groups, written, command, redone=args.report_only)
+        path = report.write(report_dir, plan, groups, written, command, redone=args.report_only,
+                            unmarked=[f"{r.method} seed {r.seed}" for r in unmarked])
     except (ConfigError, RunFailed, NoEventsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ConfigError) else 1)

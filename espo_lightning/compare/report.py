@@ -173,7 +173,7 @@ def _commit() -> str:
 
 
 def write(out: Path, plan: ComparePlan, groups: dict[str, list[RunCurves]], figures: dict[str, Path],
-          command: str, redone: bool = False) -> Path:
+          command: str, redone: bool = False, unmarked: list[str] | None = None) -> Path:
     import torch
 
     captions = {
@@ -195,6 +195,8 @@ def write(out: Path, plan: ComparePlan, groups: dict[str, list[RunCurves]], figu
         "- Methods: " + "; ".join(f"{m} = base" + "".join(f" + {c}" for c in o) for m, o in plan.methods.items()),
         f"- Seeds: {', '.join(map(str, plan.seeds))}; curves are the mean over seeds, shaded from the lowest to the "
         f"highest seed, EMA-smoothed with weight {plan.smooth} (validation drawn as measured)",
+        *([f"- Reported as found, without a finished marker (trained outside this command, or interrupted): "
+           f"{', '.join(unmarked)}"] if unmarked else []),
         "",
         "## Results (mean ± std over seeds)",
         "",

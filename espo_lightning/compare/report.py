@@ -127,7 +127,7 @@ def claim_convergence(groups, plan: ComparePlan) -> str:
     target = plan.target_accuracy
     e_final = _stats([final_accuracy(r) for r in espo])
     e_time = [time_to_target(r, target)[1] for r in espo]
-    lines = []
+    lines, verdicts = [], []
     for method, runs in groups.items():
         if method == plan.espo_method:
             continue
@@ -135,11 +135,16 @@ def claim_convergence(groups, plan: ComparePlan) -> str:
         b_time = [time_to_target(r, target)[1] for r in runs]
         higher = e_final[0] > b_final[0]
         faster = _mean_rollouts(e_time) < _mean_rollouts(b_time)
+        verdicts += [higher, faster]
         spread = max(e_final[1], b_final[1])
-        noise = " (difference within the seed spread)" if abs(e_final[0] - b_final[0]) <= spread else ""
-        lines.append(f"   - vs {method}: {_verdict(higher and faster)}: final accuracy {e_final[0]:.3f} vs "
-                     f"{b_final[0]:.3f}{noise}; rollouts to {target:.2f}: {_rollouts_text(e_time)} vs {_rollouts_text(b_time)}")
-    return head + "Held per baseline when ESPO's mean final accuracy is higher and it reaches the target in fewer rollouts on average (a seed that never reaches it counts as never).\n" + "\n".join(lines)
+        noise = ", within the seed spread" if abs(e_final[0] - b_final[0]) <= spread else ", beyond the seed spread"
+        lines.append(f"   - vs {method}: higher {_verdict(higher)} (final accuracy {e_final[0]:.3f} vs {b_final[0]:.3f}"
+                     f"{noise} of {spread:.3f}); faster {_verdict(faster)} (rollouts to {target:.2f}: "
+                     f"{_rollouts_text(e_time)} vs {_rollouts_text(b_time)})")
+    overall = "**held**" if all(verdicts) else "**partly held**" if any(verdicts) else "**not held**"
+    return (head + f"{overall}. Higher: ESPO's mean final accuracy above the baseline's; faster: fewer rollouts to "
+            f"{target:.2f} on average (a seed that never reaches it counts as never; validation every few rollouts "
+            "makes this coarse).\n" + "\n".join(lines))
 
 
 def _mean_rollouts(values) -> float:

@@ -33,7 +33,7 @@ class RunCurves:
         for name in (tag + "_epoch", tag):
             if name in self.tags and len(self.tags[name][0]):
                 steps, values, walls = self.tags[name]
-                return Curve(self._rollouts(steps, name == "val/accuracy" or name.startswith("val/")), values,
+                return Curve(self._rollouts(steps, name.startswith("val/")), values,
                              walls - self.start)
         return None
 
@@ -45,8 +45,8 @@ class RunCurves:
         # Per-rollout aggregates are logged at the rollout's last step; a validation after rollout r
         # at the same step, and the one before the first update at step 0.
         done = np.rint((steps + 1) / self.steps_per_rollout)
-        if validation:
-            done[0] = 0 if steps[0] == 0 and len(steps) > 1 and steps[1] > 0 else done[0]
+        if validation and steps[0] == 0:
+            done[0] = 0
         return done
 
 

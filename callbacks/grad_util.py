@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from callbacks.base import DiagnosticsCallback, step_batch, step_diagnostics, step_is_logged
+from callbacks.base import DiagnosticsCallback, step_batch, step_diagnostics, step_is_logged, write_metrics
 
 
 def nonzero_advantage_tokens(batch) -> torch.Tensor:
@@ -93,4 +93,4 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
         if self.log_every_step and step_is_logged(trainer):
             value = norm.item()  # identical on every rank (DDP all-reduced gradients, DTensor full_tensor)
             if math.isfinite(value):
-                self.log_value(pl_module, "grad/norm", value, on_step=True)
+                write_metrics(trainer, {"grad/norm": value})

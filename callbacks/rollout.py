@@ -7,7 +7,7 @@ import time
 import lightning as L
 import torch
 
-from callbacks.base import distributed, step_batch, step_diagnostics, tensorboard_writers
+from callbacks.base import distributed, step_batch, step_diagnostics, tensorboard_writers, write_metrics
 
 # Per-rank quantities that add up across ranks, and those whose global value is the largest one.
 SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "length_sum", "truncated",
@@ -176,11 +176,7 @@ class RolloutMonitor(L.Callback):
         fresh = stats is not None and getattr(stats, "epoch", None) != self._logged_rollout
         # Whether this rollout was logged already is the same on every rank (same epochs, same reloads).
         sums, maxes = self.rank_totals(stats if fresh else None)
-        values = self.summarize(*self.reduce(sums, maxes, pl_module.device))
-        sync = distributed()
-        for name, value in values.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1, sync_dist=sync,
-                          reduce_fx="max" if sync else "mean")
+        write_metrics(trainer, self.summarize(*self.reduce(sums, maxes, pl_module.device)), epoch_level=True)
         if fresh:
             self._logged_rollout = getattr(stats, "epoch", None)
             self._write_samples(trainer, stats)

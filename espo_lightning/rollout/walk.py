@@ -17,6 +17,7 @@ class DataWalk:
         self.prompts_per_rollout, self.seed = prompts_per_rollout, seed
         self.next_start: int | None = None  # first position of the next epoch's rollout
         self.last: tuple[int, int] | None = None  # (epoch, first position) of the latest rollout
+        self._orders: dict[tuple[int, int], list[int]] = {}  # (pass, rows) -> that pass's shuffle
 
     def epoch_start(self, epoch: int) -> int:
         """Position of ``epoch``'s first prompt. Without saved state (a fresh run, or a checkpoint
@@ -34,15 +35,23 @@ class DataWalk:
         if self.prompts_per_rollout % world:
             raise ConfigError(f"data.prompts_per_rollout ({self.prompts_per_rollout}) must be divisible by the "
                               f"number of ranks ({world})")
-        orders: dict[int, list[int]] = {}  # one shuffle per pass over the data
         chosen = []
         for k in range(start, start + self.prompts_per_rollout):
             data_pass, offset = divmod(k, len(rows))
-            if data_pass not in orders:
-                orders[data_pass] = list(range(len(rows)))
-                random.Random(self.seed * 1_000_003 + data_pass).shuffle(orders[data_pass])
-            chosen.append(rows[orders[data_pass][offset]])
+            chosen.append(rows[self._order(data_pass, len(rows))[offset]])
         return chosen[rank::world]
+
+    def _order(self, data_pass: int, n: int) -> list[int]:
+        """The seeded shuffle of pass ``data_pass`` over ``n`` rows, kept while the walk is in that
+        pass (reshuffling a large prompt set for every rollout costs milliseconds each time)."""
+        key = (data_pass, n)
+        if key not in self._orders:
+            if len(self._orders) >= 2:  # a rollout spans at most the current pass and the next one
+                self._orders.pop(next(iter(self._orders)))
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + data_pass).shuffle(order)
+            self._orders[key] = order
+        return self._orders[key]
 
     def state_dict(self) -> dict:
         return {"next_start": self.next_start, "last": list(self.last) if self.last is not None else None}

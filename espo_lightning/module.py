@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from espo_lightning.errors import ConfigError
+from espo_lightning.log_writer import step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
 from espo_lightning.micro_batches import plan_micro_batches
@@ -253,14 +254,22 @@ class PolicyModule(L.LightningModule):
                 mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
                 group_ids=batch.group_ids)
         self._optimizer_step(stepped=bool(counts.tokens > 0))
-        # Each rank holds its share of the global loss: their sum is the minibatch's loss.
-        self.log("loss/policy", loss_sum, batch_size=len(batch), sync_dist=True, reduce_fx="sum")
-        if "kl/mean" in metrics:
-            self.log("loss/kl", metrics["kl/mean"], batch_size=len(batch), sync_dist=True)
+        self._log_loss(loss_sum, metrics.get("kl/mean"))
         rollout = getattr(self.trainer.datamodule, "last_rollout", None) if self._trainer else None
         if rollout is not None and batch_idx == 0:
             self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)
         return {"loss": loss_sum, "metrics": metrics, "batch": batch}
+
+    def _log_loss(self, loss_sum: torch.Tensor, kl: torch.Tensor | None) -> None:
+        """``loss/policy`` (each rank holds its share of the global loss: their sum is the minibatch's
+        loss) and ``loss/kl`` (mean over ranks), reduced and written on logging steps only."""
+        if self._trainer is None or not step_is_logged(self.trainer):
+            return
+        values = torch.stack([loss_sum.detach(), kl.detach() if kl is not None else torch.zeros_like(loss_sum)])
+        if self._world_size() > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="sum")
+        loss, kl_sum = values.tolist()
+        write_metrics(self.trainer, {"loss/policy": loss, **({"loss/kl": kl_sum / self._world_size()} if kl is not None else {})})
 
     def _global_counts(self, mask: torch.Tensor) -> Normalizer:
         """Responses with a valid token and valid tokens of the minibatch, summed over ranks."""

@@ -250,3 +250,34 @@ def test_dynamic_sampling_refills_rounds_and_keeps_the_rollout_full(tiny_model_d
     fresh = RolloutDataModule(train_data=AdditionSource(num_problems=50, seed=3), reward_funcs=[exact_match])
     fresh.load_state_dict(state)
     assert fresh.walk.epoch_start(1) == 16
+
+
+def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir):
+    """With n > 1 the engine prefills every prompt once and repeats its KV cache for the n samples
+    (instead of n identical prefills): the model sees P prompt rows once, not P * n; the samples are
+    those ``generate`` with ``num_return_sequences`` draws from the same seed (the same distribution;
+    bit-equal logits give the same tokens, so only a rounding difference can change a row)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompts = [tok.encode(p) for p in ("7+5=", "12+34=", "99+1=", "3+3=")]  # left padding of 0..2
+    engine = HFEngine(batch_size=4)
+    engine.setup(policy, tok)
+    rows_seen = []
+    hook = policy.model.embed_tokens.register_forward_hook(lambda m, a, out: rows_seen.append(tuple(a[0].shape)))
+    sampling = Sampling(n=8, temperature=1.0, top_p=1.0, max_new_tokens=3, seed=11)
+    shared = engine.generate(prompts, sampling, policy)
+    hook.remove()
+    width = max(len(p) for p in prompts)
+    assert rows_seen[0] == (4, width - 1), rows_seen  # one prefill of each prompt but its last token
+    assert all(rows == 32 for rows, _ in rows_seen[1:]), rows_seen  # then the 32 samples, a token at a time
+
+    config = engine._generation_config(sampling, n=8)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(11)
+        plain = policy.eval().generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
+                                       generation_config=config).sequences[:, width:].tolist()
+    same = sum(list(s) == p[: len(s)] for s, p in zip(shared.token_ids, plain))
+    assert len(shared.token_ids) == 32 and same >= 29, (same, shared.token_ids, plain)

@@ -64,15 +64,20 @@ class HFEngine(RolloutEngine):
         for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
             input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p):] = 1
-        config = self._generation_config(sampling)
+        input_ids, attention = input_ids.to(device), attention.to(device)
         kwargs = {}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             kwargs["synced_gpus"] = True  # sharded weights: every rank must run the same number of steps
+        n = sampling.n
+        cache = _shared_prompt_cache(policy, input_ids, attention, n) if n > 1 and width > 1 else None
+        if cache is not None:  # each prompt's n samples continue from one prefill of it
+            input_ids, attention = input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
+            kwargs["past_key_values"] = cache
+        config = self._generation_config(sampling, n=1 if cache is not None else n)
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), _without_checkpoint_defaults(policy):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = policy.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  generation_config=config, **kwargs)
+            out = policy.generate(input_ids=input_ids, attention_mask=attention, generation_config=config, **kwargs)
         new = out.sequences[:, width:].cpu()  # [N, new_tokens]
         step_logps = None
         if self.return_logprobs:
@@ -93,18 +98,37 @@ class HFEngine(RolloutEngine):
                 logprobs.append(step_logps[i, :n].tolist())
         return Generation(token_ids, truncated, logprobs)
 
-    def _generation_config(self, sampling: Sampling):
+    def _generation_config(self, sampling: Sampling, n: int):
         """Everything ``generate`` does, from ``sampling`` alone: plain (or greedy) sampling at the
-        temperature and top-p the trainer scores with, stopping on every stop id."""
+        temperature and top-p the trainer scores with, stopping on every stop id; ``n`` sequences
+        per input row."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
         mode = (dict(do_sample=False) if sampling.greedy else
                 dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0))
         return GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
+            max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
             pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids or tok.eos_token_id,
             return_dict_in_generate=True, output_scores=self.return_logprobs, **mode)
+
+
+def _shared_prompt_cache(policy, input_ids, attention, n: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated for
+    its ``n`` samples (None where the model's cache cannot be repeated).
+
+    ``num_return_sequences`` would copy each prompt n times first and prefill every copy: with
+    G = 8 that is 8 identical prefills per prompt, most of the work of short completions and all of
+    the prompt's share of long ones. The last prompt token is left to ``generate``, which needs an
+    uncached token to start from; positions skip left padding, as ``generate`` computes them."""
+    positions = (attention[:, :-1].long().cumsum(-1) - 1).clamp_min(0)
+    out = policy(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
+                 use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(n)
+    return cache
 
 
 @contextmanager

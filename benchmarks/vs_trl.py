@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,15 +45,9 @@ def ensure_model(spec: dict) -> Path:
     return folder
 
 
-def task_rows(spec: dict) -> tuple[list[dict], str]:
-    """The prompt pool and the dotted path of the reward both sides use."""
-    if spec["task"] == "addition":
-        from espo_lightning.tasks.addition import AdditionSource
-
-        return AdditionSource(num_problems=4000, seed=1).rows(), "espo_lightning.rewards.exact_match"
-    from espo_lightning.tasks.chain import ChainSource
-
-    return ChainSource(num_problems=4000, seed=1).rows(), "espo_lightning.rewards.last_number_match"
+# Per task: the prompt source (4,000 problems, seed 1) and the reward, both sides alike.
+SOURCES = {"addition": "espo_lightning.tasks.addition.AdditionSource", "chain": "espo_lightning.tasks.chain.ChainSource"}
+REWARDS = {"addition": "exact_match", "chain": "last_number_match"}
 
 
 # ----- one side, in its own process --------------------------------------------------------------
@@ -63,8 +56,6 @@ def run_trl(args, spec: dict, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from espo_lightning.rewards import exact_match, last_number_match
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -84,9 +75,14 @@ def run_trl(args, spec: dict, out: Path) -> dict:
         def on_train_end(self, *a, **k):
             self.t1 = time.perf_counter()
 
+    import importlib
+
+    import espo_lightning.rewards as rewards
+
     torch.manual_seed(0)
-    rows, reward = task_rows(spec)
-    reward_fn = exact_match if reward.endswith("exact_match") else last_number_match
+    module, name = SOURCES[spec["task"]].rsplit(".", 1)
+    rows = getattr(importlib.import_module(module), name)(num_problems=4000, seed=1).rows()
+    reward_fn = getattr(rewards, REWARDS[spec["task"]])
     folder = str(ROOT / spec["folder"])
     config = GRPOConfig(
         output_dir=str(out), use_cpu=True, report_to="none", seed=0,
@@ -111,15 +107,12 @@ def run_ours(args, spec: dict, out: Path, loss: str) -> dict:
 
     from espo_lightning.cli import main
 
-    reward = task_rows(spec)[1]
     timer_file = out / "timer.json"
     losses = {
         "grpo": {"class_path": "espo_lightning.losses.GRPOLoss", "init_args": {"epsilon_low": EPS, "epsilon_high": EPS}},
         "espo": {"class_path": "espo_lightning.losses.ESPOLoss",
                  "init_args": {"alpha": 0.02, "grouping": "top_fraction", "high_entropy_fraction": 0.2}},
     }
-    source = ("espo_lightning.tasks.addition.AdditionSource" if spec["task"] == "addition"
-              else "espo_lightning.tasks.chain.ChainSource")
     engine = ({"class_path": "espo_lightning.rollout.engines.HFEngine", "init_args": {"batch_size": PROMPTS}}
               if args.engine == "hf" else
               {"class_path": "espo_lightning.rollout.engines.VLLMEngine",
@@ -136,8 +129,8 @@ def run_ours(args, spec: dict, out: Path, loss: str) -> dict:
                   # default on CPU is a per-parameter loop (about 3 ms per step for this model)
                   "optimizer": {"class_path": "torch.optim.AdamW",
                                 "init_args": {"lr": LR, "weight_decay": 0.0, "fused": True}}},
-        "data": {"train_data": {"class_path": source, "init_args": {"num_problems": 4000, "seed": 1}},
-                 "reward_funcs": [reward], "engine": engine, "prompts_per_rollout": PROMPTS,
+        "data": {"train_data": {"class_path": SOURCES[spec["task"]], "init_args": {"num_problems": 4000, "seed": 1}},
+                 "reward_funcs": [f"espo_lightning.rewards.{REWARDS[spec['task']]}"], "engine": engine, "prompts_per_rollout": PROMPTS,
                  "num_generations": G, "minibatch_size": MINIBATCH, "max_new_tokens": spec["new"]},
     }
     # checkpoint: last.ckpt after every rollout (the project's default) only with --checkpoints;
@@ -217,7 +210,7 @@ def blocks(rewards: list[float], n: int = 5) -> str:
 
 def table(results: dict[str, list[dict]], steps: int) -> str:
     peer = statistics.median(r["loop_s"] for r in results["trl"]) if "trl" in results else None
-    lines = ["| side | loop s (median; runs) | s / optimizer step | completions / s | vs TRL | "
+    lines = ["| side | loop s (median; runs) | ms / optimizer step | completions / s | vs TRL | "
              "reward by fifths of the run (median run) | mean reward |",
              "|---|---|---|---|---|---|---|"]
     for side, runs in results.items():
@@ -251,7 +244,7 @@ def main() -> None:
         return worker(args)
     spec = MODELS[args.model_size]
     ensure_model(spec)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vs-trl-"))
+    root = Path(args.out)
     results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for repeat in range(args.repeats):
         order = args.sides[repeat % len(args.sides):] + args.sides[: repeat % len(args.sides)]

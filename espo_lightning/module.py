@@ -22,6 +22,7 @@ from espo_lightning.log_writer import step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
 from espo_lightning.micro_batches import plan_micro_batches
+from espo_lightning.policy_setup import check_optimizer, disable_dropout
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch, unwrap
 from espo_lightning.scoring import TokenScorer
 
@@ -122,7 +123,7 @@ class PolicyModule(L.LightningModule):
         # takes its keys off the missing list), so any other missing or unexpected key is an error.
         self.strict_loading = True
         self.register_load_state_dict_post_hook(_skip_reference)
-        _check_optimizer(optimizer)
+        check_optimizer(optimizer)
 
     # ----- models -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -152,7 +153,7 @@ class PolicyModule(L.LightningModule):
         self.tokenizer.padding_side = "left"
         self.policy = self._load(self.model_name_or_path).train()  # from_pretrained returns eval mode
         if self.disable_dropout:
-            _disable_dropout(self.policy)
+            disable_dropout(self.policy)
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(self.loss_fn, "vocab_size", 1) is None:
@@ -261,15 +262,15 @@ class PolicyModule(L.LightningModule):
         return {"loss": loss_sum, "metrics": metrics, "batch": batch}
 
     def _log_loss(self, loss_sum: torch.Tensor, kl: torch.Tensor | None) -> None:
-        """``loss/policy`` (each rank holds its share of the global loss: their sum is the minibatch's
-        loss) and ``loss/kl`` (mean over ranks), reduced and written on logging steps only."""
+        """``loss/policy`` (the sum of the ranks' shares of the global loss) and ``loss/kl`` (mean over ranks)."""
         if self._trainer is None or not step_is_logged(self.trainer):
             return
-        values = torch.stack([loss_sum.detach(), kl.detach() if kl is not None else torch.zeros_like(loss_sum)])
+        values = torch.stack([loss_sum.detach(), loss_sum.new_zeros(()) if kl is None else kl.detach()])
         if self._world_size() > 1:
             values = self.trainer.strategy.reduce(values, reduce_op="sum")
         loss, kl_sum = values.tolist()
-        write_metrics(self.trainer, {"loss/policy": loss, **({"loss/kl": kl_sum / self._world_size()} if kl is not None else {})})
+        write_metrics(self.trainer, {"loss/policy": loss} if kl is None else
+                      {"loss/policy": loss, "loss/kl": kl_sum / self._world_size()})
 
     def _global_counts(self, mask: torch.Tensor) -> Normalizer:
         """Responses with a valid token and valid tokens of the minibatch, summed over ranks."""
@@ -372,27 +373,6 @@ class PolicyModule(L.LightningModule):
             if not target.is_absolute() and self.trainer.log_dir:
                 target = Path(self.trainer.log_dir) / target
             export_policy(self, str(target))
-
-
-def _check_optimizer(factory) -> None:
-    """Build the optimizer once on a dummy parameter so a bad value (a negative lr, ...) fails at
-    start-up with the optimizer's own message instead of after the first rollout."""
-    try:
-        factory([torch.nn.Parameter(torch.zeros(1))])
-    except (ValueError, TypeError) as err:
-        hint = " (model.optimizer.init_args.lr must be >= 0)" if "learning rate" in str(err) else ""
-        raise ConfigError(f"model.optimizer: {err}{hint}") from err
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout probability to 0: ``nn.Dropout`` modules and the float rates that attention
-    implementations read from their module (``attention_dropout``, applied only in train mode)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout", "dropout_rate", "attn_dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
 
 
 def _skip_reference(module, incompatible_keys) -> None:

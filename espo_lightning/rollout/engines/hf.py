@@ -120,10 +120,13 @@ def _shared_prompt_cache(policy, input_ids, attention, n: int):
     ``num_return_sequences`` would copy each prompt n times first and prefill every copy: with
     G = 8 that is 8 identical prefills per prompt, most of the work of short completions and all of
     the prompt's share of long ones. The last prompt token is left to ``generate``, which needs an
-    uncached token to start from; positions skip left padding, as ``generate`` computes them."""
-    positions = (attention[:, :-1].long().cumsum(-1) - 1).clamp_min(0)
-    out = policy(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
-                 use_cache=True)
+    uncached token to start from; positions skip left padding, as ``generate`` computes them. Only
+    the last position's logits are kept: the prefill's own are never read, and at V = 151,936 all of
+    them would be [P, prompt length, V]."""
+    from espo_lightning.scoring import position_ids
+
+    out = policy(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
+                 position_ids=position_ids(attention[:, :-1]), use_cache=True, logits_to_keep=1)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None

@@ -95,7 +95,10 @@ class _Chunks:
 
 
 class _FusedHeadLogprobs(torch.autograd.Function):
-    """``log_softmax(h W^T + b) / tau)[target]`` for ``[N, H]`` hidden states, chunked over N.
+    """``log_softmax(h W^T + b) / tau)[target]`` for ``[N, H]`` hidden states, chunked over N, and
+    with ``with_entropy`` the entropies ``[N]`` of the same chunks (no gradient): the first update
+    of a rollout is on-policy, and its pass gives the old policy's statistics without a pass of
+    their own (``PolicyModule.training_step``).
 
     The logits of a chunk are computed in the compute dtype a plain ``nn.Linear`` would use (the
     autocast dtype under autocast, else the weight's dtype); softmax statistics are fp32. The
@@ -104,23 +107,28 @@ class _FusedHeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
-                rows: int) -> Tensor:
+                rows: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
         autocast = _autocast_state(hidden.device.type)
         dtype = _compute_dtype(weight, autocast)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=_stats_dtype(dtype), device=hidden.device)  # [N]
-        buffers = _Chunks(n, rows, weight, dtype)
+        entropy = torch.empty(n if with_entropy else 0, dtype=logp.dtype, device=hidden.device)  # [N] or [0]
+        buffers = _Chunks(n, rows, weight, dtype, with_entropy=with_entropy)
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
-            logp[sl] = buffers.stats(hidden[sl].to(dtype), w, b, targets[sl], temperature, with_entropy=False)[0]
+            lp, ent = buffers.stats(hidden[sl].to(dtype), w, b, targets[sl], temperature, with_entropy)
+            logp[sl] = lp
+            if with_entropy:
+                entropy[sl] = ent
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
-        return logp
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp: Tensor):
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor | None):
         hidden, weight, bias, targets = ctx.saved_tensors
         tau, rows, dtype = ctx.temperature, ctx.rows, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -157,24 +165,7 @@ class _FusedHeadLogprobs(torch.autograd.Function):
                     grad_w.add_(torch.mm(d.t(), h, out=product))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
-
-
-@torch.no_grad()
-def _fused_logprobs_and_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                                temperature: float, rows: int) -> tuple[Tensor, Tensor]:
-    """No-grad log-probs and entropies ``[N]`` each; log-probs are bit-identical to the grad path's."""
-    dtype = _compute_dtype(weight, _autocast_state(hidden.device.type))
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    n = hidden.shape[0]
-    logp = torch.empty(n, dtype=_stats_dtype(dtype), device=hidden.device)  # [N]
-    entropy = torch.empty_like(logp)
-    buffers = _Chunks(n, rows, weight, dtype, with_entropy=True)
-    for start in range(0, n, rows):
-        sl = slice(start, start + rows)
-        logp[sl], entropy[sl] = buffers.stats(hidden[sl].to(dtype), w, b, targets[sl], temperature, with_entropy=True)
-    return logp, entropy
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 @contextmanager
@@ -199,8 +190,9 @@ class HeadNotReached(RuntimeError):
 def fused_completion_stats(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                            completion_mask: Tensor, temperature: float, rows: int,
                            with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """Log-probs ``[B, Lc]`` (fp32, differentiable unless ``with_entropy``) of the completion tokens,
-    and with ``with_entropy`` (no grad) the entropies ``[B, Lc]``; 0 off ``completion_mask``.
+    """Log-probs ``[B, Lc]`` (fp32, differentiable where grad is enabled) of the completion tokens,
+    and with ``with_entropy`` the entropies ``[B, Lc]`` (no gradient) from the same logits; 0 off
+    ``completion_mask``. The log-probs are bit-identical with and without grad or entropies.
 
     Only the valid completion positions reach the head. Raises ``HeadNotReached`` when the model
     does not return the swapped head's output unchanged."""
@@ -212,11 +204,10 @@ def fused_completion_stats(model, input_ids: Tensor, attention_mask: Tensor, pos
 
     def head_forward(hidden: Tensor) -> Tensor:  # [B, Lc + 1, H] -> [B, Lc]
         h = hidden[:, :-1][where]  # [N, H] the positions that predict valid completion tokens
+        logp, entropy = _FusedHeadLogprobs.apply(h, head.weight, head.bias, targets, float(temperature), rows,
+                                                 with_entropy)
         if with_entropy:
-            logp, entropy = _fused_logprobs_and_entropy(h, head.weight, head.bias, targets, temperature, rows)
-            result["entropy"] = logp.new_zeros(completion_mask.shape).index_put_(where, entropy)
-        else:
-            logp = _FusedHeadLogprobs.apply(h, head.weight, head.bias, targets, float(temperature), rows)
+            result["entropy"] = entropy.new_zeros(completion_mask.shape).index_put_(where, entropy)
         result["logp"] = logp.new_zeros(completion_mask.shape).index_put(where, logp)  # [B, Lc]
         return result["logp"]
 

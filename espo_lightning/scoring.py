@@ -98,12 +98,25 @@ class TokenScorer:
     def logprobs(self, model, batch) -> torch.Tensor:
         """Differentiable log-probs ``[B, Lc]`` (fp32) of ``batch``'s completion tokens; 0 off-mask
         on the fused path (the losses ignore off-mask values)."""
+        return self.logprobs_with_entropy(model, batch, with_entropy=False)[0]
+
+    def logprobs_with_entropy(self, model, batch, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Differentiable log-probs ``[B, Lc]`` and, with ``with_entropy``, the entropies ``[B, Lc]``
+        (no gradient) from the same forward pass: the first, on-policy update of a rollout takes the
+        old policy's statistics from its own pass. Both are bit-identical to ``logprobs_and_entropy``."""
         if self._fusable(model):
-            out = self._fused(model, batch, with_entropy=False)
+            out = self._fused(model, batch, with_entropy=with_entropy)
             if out is not None:
-                return out[0]
+                return out
         lc = batch.completion_mask.shape[1]
-        return sequence_logprobs(model, batch.input_ids, batch.attention_mask, lc, batch.temperature, self.chunk_size)
+        logits = completion_logits(model, batch.input_ids, batch.attention_mask, lc)
+        targets = batch.input_ids[:, -lc:]
+        logp = token_logprobs(logits, targets, temperature=batch.temperature, chunk_size=self.chunk_size)
+        if not with_entropy:
+            return logp, None
+        entropy = token_logprobs_and_entropy(logits.detach(), targets, temperature=batch.temperature,
+                                             chunk_size=self.chunk_size)[1]
+        return logp, entropy
 
     @torch.no_grad()
     def logprobs_and_entropy(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -205,6 +205,12 @@ class PolicyLoss(torch.nn.Module, metaclass=abc.ABCMeta):
         ESPO returns the entropy group ids ``[B, T]``; the other losses need nothing and return None."""
         return None
 
+    @property
+    def prepares_per_response(self) -> bool:
+        """Whether ``prepare`` looks at each response on its own, so that rows of a rollout can be
+        prepared apart from the rest (the first update prepares its own rows: ``PolicyModule``)."""
+        return True
+
     def set_vocab_size(self, v: int) -> None:
         """Tell the loss the vocabulary size (ESPO normalises entropies by log V); a no-op here."""
 

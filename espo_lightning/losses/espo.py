@@ -192,6 +192,10 @@ class ESPOLoss(PolicyLoss):
     def num_slots_per_response(self, seq_len: int) -> int:
         return num_group_slots(self.grouping, seq_len, self.num_groups, self.thresholds)
 
+    @property
+    def prepares_per_response(self) -> bool:
+        return self.scope == "response"  # "batch" ranks entropies over all of the rollout's rows
+
     def prepare(self, entropies: Tensor | None, mask: Tensor) -> Tensor:
         """Entropy group ids ``[B, T]`` (long; 0 = highest-entropy group, -1 on invalid tokens).
 

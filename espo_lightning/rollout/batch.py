@@ -23,6 +23,9 @@ class RolloutBatch:
     group_ids: torch.Tensor | None = None  # [B, Lc] long, entropy group per token (ESPO), -1 off-mask
     engine_logprobs: torch.Tensor | None = None  # [B, Lc], the rollout engine's own log-probs
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
+    # [B] bool: rows not scored yet; the first (on-policy) update fills their old log-probs,
+    # entropies and group ids from its own forward pass (PolicyModule.score_rollout, training_step)
+    unscored: torch.Tensor | None = None
 
     @property
     def prompt_length(self) -> int:

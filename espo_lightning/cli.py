@@ -52,20 +52,28 @@ class ESPOLightningCLI(LightningCLI):
             # The greedy evaluation before the first update was done by the run being resumed.
             self.trainer.num_sanity_val_steps = 0
 
-    def _last_checkpoint(self) -> str | None:
+    def _last_checkpoint(self, required: bool = False) -> str | None:
         """``--ckpt_path last``: the run folder's last.ckpt, or a fresh start when there is none yet
-        (so a preemptible job can always be launched with it)."""
+        (so a preemptible job can always be launched with it; ``required``: an error instead)."""
         callback = next(c for c in self.trainer.callbacks if isinstance(c, RolloutCheckpoint))
         path = callback.resume_path(self.trainer)
+        if path is None and required:
+            raise ConfigError(f"--ckpt_path last: no checkpoint in {callback.folder(self.trainer)}")
         if path is None:
             print(f"--ckpt_path last: no checkpoint in {callback.folder(self.trainer)} yet; starting from scratch",
                   file=sys.stderr)
             return None
-        print(f"--ckpt_path last: resuming from {path}", file=sys.stderr)
+        print(f"--ckpt_path last: {'evaluating' if required else 'resuming from'} {path}", file=sys.stderr)
         return str(path)
 
     def before_validate(self) -> None:
+        """``validate --ckpt_path X`` evaluates a checkpoint (``last``: the run's last.ckpt), and
+        ``validate --model.model_name_or_path runs/.../policy`` an exported folder, on every set of
+        ``data.val_data``; the metrics and ``eval_summary.json`` go to the run's log folder."""
         self.datamodule.check_data()
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self._last_checkpoint(required=True)
 
 
 def main(args: list[str] | None = None) -> None:

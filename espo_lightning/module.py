@@ -15,7 +15,6 @@ from typing import Callable, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MeanMetric
 
 from espo_lightning.errors import ConfigError
 from espo_lightning.log_writer import step_is_logged, write_metrics
@@ -118,7 +117,6 @@ class PolicyModule(L.LightningModule):
         self.policy = None
         self.reference = None
         self.tokenizer = None
-        self.val_accuracy = MeanMetric()
         # Loading is strict: the frozen reference, never saved, is skipped explicitly (a load hook
         # takes its keys off the missing list), so any other missing or unexpected key is an error.
         self.strict_loading = True
@@ -324,21 +322,24 @@ class PolicyModule(L.LightningModule):
         if self.trainer.gradient_clip_val:
             self.clip_gradients(optimizer)
 
-    # ----- validation: greedy accuracy on held-out prompts -------------------------------------
-    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        correct, weight = self.trainer.datamodule.evaluate(batch)  # [n] each
-        self.val_accuracy.update(correct, weight)
+    # ----- validation: the evaluation sets (espo_lightning.evaluation) ------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.trainer.datamodule.evaluate(batch)  # a chunk of one set; results stay in its Evaluator
 
     def on_validation_epoch_end(self) -> None:
-        accuracy = self.val_accuracy.compute()  # synchronised across ranks by torchmetrics
-        self.val_accuracy.reset()
+        datamodule = self.trainer.datamodule
+        metrics = datamodule.finish_evaluation()  # global: the same on every rank
+        # Lightning drops what is logged during the sanity check (the evaluation before the first
+        # update) and logs `validate` at step 0: those go straight to the loggers, at the step of
+        # the evaluated weights (under `validate`, the checkpoint's).
+        direct = self.trainer.sanity_checking or self.trainer.state.fn == "validate"
+        for logger in self.loggers if direct and self.trainer.is_global_zero else []:
+            logger.log_metrics(metrics, step=datamodule.evaluator.step)
         if self.trainer.sanity_checking:
-            # Lightning drops what is logged during the sanity check; this pass is the evaluation
-            # before the first update, so it goes straight to the logger at step 0.
-            if self.logger is not None and self.trainer.is_global_zero:
-                self.logger.log_metrics({"val/accuracy": accuracy.item()}, step=self.global_step)
-        else:
-            self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)  # already global: a no-op mean
+            return
+        headlines = datamodule.evaluator.headlines
+        for name, value in metrics.items():  # already global: the max over ranks of equal values is exact
+            self.log(name, value, prog_bar=name in headlines, logger=not direct, sync_dist=True, reduce_fx="max")
 
     # ----- checkpoints and export -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -18,7 +18,7 @@ step is ``lr * sign(g)`` almost everywhere and would hide a gradient that is off
 second step clips the gradient norm with Lightning's ``gradient_clip_val`` far below the gradient's
 norm, so its update has norm ``lr * clip`` exactly when the norm is the global one over all shards.
 The FSDP2 run has gradient checkpointing on (it composes with the per-block sharding), and every
-multi-rank run also checks that the module's ``val_accuracy`` metric is synchronised over ranks.
+multi-rank run also checks that the evaluation's ``val/accuracy`` is gathered over ranks.
 """
 from __future__ import annotations
 
@@ -144,15 +144,22 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str, options
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Steps()], **kwargs)
     trainer.fit(module, datamodule=Shard())
-    # The module's validation accuracy (a torchmetrics MeanMetric) over rows split unevenly across
-    # ranks, the padding rows weighted 0 as the DataModule pads them: rank 0 holds one correct row,
-    # rank 1 two wrong ones and one padding row. Global: 1/3 (a mean of rank means would be 1/2).
+    # The evaluation's metric over problems split unevenly across ranks, the padding weighted 0 as
+    # the evaluation pads them: rank 0 holds one correct problem, rank 1 two wrong ones and one
+    # padding repeat. Global: 1/3 (a mean of rank means would be 1/2).
+    from espo_lightning.evaluation import ProblemResult, resolve_sets, set_metrics
+    from espo_lightning.evaluation.metrics import gather_results
+    from espo_lightning.tasks.addition import AdditionSource
+
+    def problem(index: int, correct: int, weight: float = 1.0) -> ProblemResult:
+        return ProblemResult("val", index, weight, 1, correct, 2, 0)
+
     if trainer.world_size == 1:
-        correct, weight = [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+        mine = [problem(0, 1), problem(1, 0), problem(2, 0)]
     else:
-        correct, weight = ([1.0], [1.0]) if trainer.global_rank == 0 else ([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])
-    module.val_accuracy.update(torch.tensor(correct), torch.tensor(weight))
-    accuracy = float(module.val_accuracy.compute())
+        mine = [problem(0, 1)] if trainer.global_rank == 0 else [problem(1, 0), problem(2, 0), problem(0, 1, 0.0)]
+    spec = resolve_sets(AdditionSource(3), temperature=1.0, top_p=1.0, max_new_tokens=4)[0]
+    accuracy = set_metrics(spec, gather_results(mine))["val/accuracy"]
     if trainer.is_global_zero:
         assert trainer.global_step == 2, trainer.global_step
         (out / "done.json").write_text(json.dumps({"world_size": trainer.world_size, "val_accuracy": accuracy,

@@ -4,8 +4,9 @@ log-probs and entropies, and serves the result as minibatches for ``ppo_epochs``
 
 It is plumbing; the parts live beside it: ``prompts`` (encoding, chat template, what reward
 functions receive), ``sampling`` (rounds of dynamic sampling), ``rewarding`` (reward functions,
-worker pool), ``evaluation`` (validation), ``walk`` (which prompts), ``loaders``, ``resume`` (a rollout
-in a checkpoint), ``tensors`` (packing), ``mismatch`` (engine correction).
+worker pool), ``walk`` (which prompts), ``loaders``, ``resume`` (a rollout
+in a checkpoint), ``tensors`` (packing), ``mismatch`` (engine correction). Validation lives in ``espo_lightning.evaluation`` (its sets,
+metrics and files); the DataModule only hands Lightning its steps.
 
 Under several ranks each rank owns whole prompt groups (P / world_size prompts), so advantages need
 no communication; every rank serves the same number of minibatches so collectives stay in step."""
@@ -23,11 +24,11 @@ from torch.utils.data import DataLoader
 from espo_lightning.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
+from espo_lightning.evaluation import EvalSet, Evaluator, resolve_sets
 from espo_lightning.rollout import resume
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
-from espo_lightning.rollout.evaluation import evaluate_rows, validation_chunks
 from espo_lightning.rollout.loaders import Items, RolloutLoader
 from espo_lightning.rollout.mismatch import apply_tis
 from espo_lightning.rollout.prompts import PromptEncoder, completions_for_rewards, drop_overlong
@@ -46,10 +47,14 @@ class RolloutDataModule(L.LightningDataModule):
         train_data: Prompt source for rollouts (``FilePromptSource``, ``AdditionSource``, ...).
         reward_funcs: Reward functions ``f(prompts, completions, **columns) -> list[float | None]``,
             given as import paths (``espo_lightning.rewards.math_accuracy``) or ``class_path`` objects.
-        val_data: Held-out prompts for greedy ``val/accuracy``; none disables validation.
+        val_data: Held-out prompts: one source (greedy ``val/accuracy``, as the set ``val``), or
+            evaluation sets by name, each a source (greedy) or an ``EvalSet`` with its own ``k``,
+            ``greedy``, ``temperature``, ``top_p``, ``max_new_tokens`` and ``pass_at_k``, logged
+            as ``val/<name>/accuracy``, ``avg@k``, ``pass@k``, ``response_len_mean``,
+            ``truncated_frac`` (README, Evaluation). None disables validation.
         reward_weights: One weight per reward function (default 1.0 each).
         accuracy_reward: Function whose reward 1.0 means "correct" for ``reward/accuracy`` and
-            ``val/accuracy``; defaults to the first reward function.
+            validation's correctness; defaults to the first reward function.
         engine: Rollout engine (``HFEngine`` or ``VLLMEngine``).
         prompts_per_rollout: P, prompts per epoch over all ranks (divisible by the world size).
         num_generations: G, completions per prompt (>= 2: advantages compare within a group).
@@ -78,17 +83,24 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout_s: Wall-clock limit of one reward-function call on one completion in a
             worker (needs ``reward_workers`` >= 1); past it the completion scores None for that
             function, counted as ``reward/timeout_frac``.
-        val_max_new_tokens: Budget for greedy validation (default: ``max_new_tokens``).
-        val_batch_size: Prompts per validation step.
-        num_samples_logged: Sample completions kept per rollout for the logs.
-        seed: Seed of prompt order and sampling.
+        val_max_new_tokens: Completion budget of validation sets that set none (default:
+            ``max_new_tokens``).
+        val_batch_size: Problems per validation step on each rank (one ``generate`` call: with k
+            samples, k completions per problem).
+        val_samples_per_set: Completions written per set and evaluation to
+            ``<log_dir>/eval_samples/<set>_step<step>.jsonl`` (all samples of the first problems);
+            0 writes none, -1 all (at the paper's setting that can be a gigabyte of text).
+        num_samples_logged: Sample completions kept per rollout for the logs, and written per
+            validation set as TensorBoard text.
+        seed: Seed of prompt order and sampling (validation samples too: each problem's k samples
+            come from a seed of (seed, set name, problem index), the same at every evaluation).
     """
 
     def __init__(
         self,
         train_data: PromptSource,
         reward_funcs: list[Callable],
-        val_data: PromptSource | None = None,
+        val_data: PromptSource | dict[str, EvalSet | PromptSource] | None = None,
         reward_weights: list[float] | None = None,
         accuracy_reward: Callable | None = None,
         engine: RolloutEngine | None = None,
@@ -111,6 +123,7 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout_s: float | None = None,
         val_max_new_tokens: int | None = None,
         val_batch_size: int = 64,
+        val_samples_per_set: int = 64,
         num_samples_logged: int = 4,
         seed: int = 0,
     ):
@@ -125,6 +138,7 @@ class RolloutDataModule(L.LightningDataModule):
         _check(max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", max_prompt_length)
         _check(tis_cap is None or tis_cap > 0, "data.tis_cap", "must be > 0 (or null to disable)", tis_cap)
         _check(val_batch_size >= 1, "data.val_batch_size", "must be >= 1", val_batch_size)
+        _check(val_samples_per_set >= -1, "data.val_samples_per_set", "must be >= 0 (or -1: all)", val_samples_per_set)
         _check(max_sampling_rounds >= 1, "data.max_sampling_rounds", "must be >= 1", max_sampling_rounds)
         self.rewarder = Rewarder(reward_funcs, reward_weights, accuracy_reward, reward_workers, reward_timeout_s)
         self.train_data, self.val_data = train_data, val_data
@@ -141,9 +155,12 @@ class RolloutDataModule(L.LightningDataModule):
         self.reward_workers, self.reward_timeout_s = reward_workers, reward_timeout_s
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
         self.val_batch_size, self.num_samples_logged, self.seed = val_batch_size, num_samples_logged, seed
+        self.evaluator = Evaluator(resolve_sets(val_data, temperature=temperature, top_p=top_p,
+                                                max_new_tokens=self.val_max_new_tokens),
+                                   val_batch_size, seed, val_samples_per_set, num_samples_logged)
+        self.checkpoint_step: int | None = None  # the global step of a loaded checkpoint (for validate)
         self.last_rollout: RolloutStats | None = None
         self._train_rows: list[dict] | None = None
-        self._val_rows: list[dict] | None = None
         self._engine_ready = False
         self._synced_step: int | None = None
         self._warned_truncation = self._warned_filler = False
@@ -181,23 +198,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     def check_data(self) -> None:
         """Load the prompt sources now, so a bad path or row fails before any model is loaded."""
-        for key, source in (("data.train_data", self.train_data), ("data.val_data", self.val_data)):
-            if source is None:
-                continue
-            try:
-                rows = source.rows()
-            except (ValueError, FileNotFoundError, ImportError) as err:
-                raise ConfigError(f"{key}: {err}") from err
-            if not rows:
-                raise ConfigError(f"{key}: the prompt source returned no rows")
-            where = getattr(source, "where", None) or getattr(source, "path", None) or type(source).__name__
-            for func in self.rewarder.all_funcs():  # reward functions that can check their columns up front
-                check = getattr(func, "check_rows", None)
-                if check is not None:
-                    try:
-                        check(rows)
-                    except ValueError as err:
-                        raise ConfigError(f"{key}: {where}: {err}") from err
+        self.rewarder.check_source("data.train_data", self.train_data)
+        for spec in self.evaluator.specs.values():
+            self.rewarder.check_source(spec.key, spec.source)
 
     def teardown(self, stage: str) -> None:
         if self._engine_ready:
@@ -211,10 +214,12 @@ class RolloutDataModule(L.LightningDataModule):
         have, and where training is in the current rollout (``resume.checkpoint_state``)."""
         trainer = self.trainer if getattr(self.trainer, "training", False) else None
         consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else None
-        return {"walk": self.walk.state_dict(), **resume.checkpoint_state(self._current, consumed)}
+        return {"walk": self.walk.state_dict(), "global_step": self.trainer.global_step,
+                **resume.checkpoint_state(self._current, consumed)}
 
     def load_state_dict(self, state: dict) -> None:
         self.walk.load_state_dict(state.get("walk", {}))
+        self.checkpoint_step = state.get("global_step")
         self._restored = state
 
     def encode_prompts(self, prompts: list) -> list[list[int]]:
@@ -372,24 +377,23 @@ class RolloutDataModule(L.LightningDataModule):
         return [batch.select(idx.to(device)).trimmed()
                 for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass]
 
-    # ----- validation -------------------------------------------------------------------------
+    # ----- validation (espo_lightning.evaluation) ----------------------------------------------
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_data is None:
+        if not self.evaluator.specs:
             return []
-        if self._val_rows is None:
-            self._val_rows = self._loaded("data.val_data", self.val_data)
-        rank, world = self._world()
-        chunks = validation_chunks(self._val_rows, rank, world, self.val_batch_size)
+        chunks = self.evaluator.chunks(self._loaded, *self._world())
         return DataLoader(Items(chunks), batch_size=None, collate_fn=lambda x: x)
 
-    def evaluate(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy completions of ``rows``: (1.0 where the accuracy reward says correct, row weight)."""
+    def evaluate(self, chunk) -> None:
+        """One validation step (a chunk of one set) on the engine, with the policy's current weights."""
         self._sync_engine()
-        correct, weight = evaluate_rows(rows, encoder=self.encoder, engine=self.engine, policy=self.module.policy,
-                                        tokenizer=self.tokenizer, rewarder=self.rewarder,
-                                        max_new_tokens=self.val_max_new_tokens,
-                                        precision_context=self.module.precision_context)
-        return correct.to(self.module.device), weight.to(self.module.device)
+        self.evaluator.run(chunk, encoder=self.encoder, engine=self.engine, policy=self.module.policy,
+                           tokenizer=self.tokenizer, rewarder=self.rewarder,
+                           precision_context=self.module.precision_context)
+
+    def finish_evaluation(self) -> dict[str, float]:
+        """Every set's metrics, global and the same on every rank; writes the summary and samples."""
+        return self.evaluator.finish(self.trainer, self.module.model_name_or_path, self.checkpoint_step)
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:

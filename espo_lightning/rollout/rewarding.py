@@ -170,6 +170,24 @@ class Rewarder:
         """Only the accuracy reward's verdicts (validation)."""
         return _correct(self._per_func([self.accuracy], prompts, completions, columns)[0][0])
 
+    def check_source(self, key: str, source) -> None:
+        """Load a prompt source (``key``: its config key) and let the reward functions that can check
+        their columns up front (``check_rows``) do so; a failure is a ``ConfigError`` naming the key."""
+        try:
+            rows = source.rows()
+        except (ValueError, FileNotFoundError, ImportError) as err:
+            raise ConfigError(f"{key}: {err}") from err
+        if not rows:
+            raise ConfigError(f"{key}: the prompt source returned no rows")
+        where = getattr(source, "where", None) or getattr(source, "path", None) or type(source).__name__
+        for func in self.all_funcs():
+            check = getattr(func, "check_rows", None)
+            if check is not None:
+                try:
+                    check(rows)
+                except ValueError as err:
+                    raise ConfigError(f"{key}: {where}: {err}") from err
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()

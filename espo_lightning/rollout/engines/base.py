@@ -21,6 +21,9 @@ class Sampling:
     max_new_tokens: int = 16
     greedy: bool = False  # argmax decoding (validation); ignores temperature and top_p
     seed: int | None = None  # per-call seed; engines derive per-request seeds from it
+    # One seed per prompt (evaluation): prompt p's samples then depend on its own seed only, not on
+    # the other prompts of the call. Honoured by engines with ``per_prompt_seeds``; overrides ``seed``.
+    prompt_seeds: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -47,6 +50,10 @@ def stop_token_ids(policy, tokenizer) -> list[int]:
 
 class RolloutEngine(ABC):
     """Generates completions from the current policy."""
+
+    # Whether ``generate`` honours ``Sampling.prompt_seeds``; evaluation calls an engine without it
+    # once per prompt, with that prompt's seed, so that samples never depend on the batch.
+    per_prompt_seeds: bool = False
 
     def setup(self, policy: torch.nn.Module, tokenizer) -> None:
         """Called once before the first rollout, with the (possibly sharded) policy."""

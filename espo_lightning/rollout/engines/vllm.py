@@ -86,6 +86,8 @@ class VLLMEngine(RolloutEngine):
             module docstring).
     """
 
+    per_prompt_seeds = True  # each request carries its own seed (SamplingParams.seed)
+
     def __init__(
         self,
         gpu_memory_utilization: float = 0.3,
@@ -331,8 +333,13 @@ class VLLMEngine(RolloutEngine):
 
 def _request_seed(sampling: Sampling, prompt_index: int) -> int | None:
     """vLLM gives sample j of a request ``seed + j``; spacing prompts n apart keeps every sample's
-    seed distinct, and the same call seed reproduces the same completions."""
-    if sampling.seed is None or sampling.greedy:
+    seed distinct, and the same call seed reproduces the same completions. Per-prompt seeds
+    (evaluation) are used as they are: a request's samples then depend on its seed alone."""
+    if sampling.greedy:
+        return None
+    if sampling.prompt_seeds is not None:
+        return sampling.prompt_seeds[prompt_index]
+    if sampling.seed is None:
         return None
     return sampling.seed + prompt_index * sampling.n
 

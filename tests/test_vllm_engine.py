@@ -198,6 +198,51 @@ def test_generation_shapes_eos_truncation(setup):
 
 
 @pytest.mark.vllm
+def test_evaluation_samples_do_not_depend_on_the_batch(setup):
+    """Evaluation gives vLLM one call per chunk with n = k and one seed per problem
+    (``Sampling.prompt_seeds``): a problem's k samples are the same whichever other problems share
+    the call, so 1 rank and 2 ranks (other chunks, other order) score the same completions."""
+    from contextlib import nullcontext
+
+    from espo_lightning.evaluation import EvalSet, resolve_sets, set_metrics
+    from espo_lightning.evaluation.runner import run_chunk, shard
+    from espo_lightning.rewards import exact_match
+    from espo_lightning.rollout.prompts import PromptEncoder
+    from espo_lightning.rollout.rewarding import Rewarder
+    from espo_lightning.tasks.addition import AdditionSource
+
+    engine, policy, tok = setup
+    spec = resolve_sets({"s": EvalSet(source=AdditionSource(7, seed=3), k=4, pass_at_k=[1, 4])},
+                        temperature=1.0, top_p=1.0, max_new_tokens=4)[0]
+    rows, calls = spec.source.rows(), []
+    generate = engine.generate
+
+    def recording(prompt_ids, sampling, policy):
+        calls.append((len(prompt_ids), sampling.n))
+        return generate(prompt_ids, sampling, policy)
+
+    context = dict(encoder=PromptEncoder(tok, 64), engine=engine, policy=policy, tokenizer=tok,
+                   rewarder=Rewarder([exact_match]), precision_context=nullcontext)
+
+    def evaluate(world: int, batch: int):
+        results, samples = [], []
+        for rank in reversed(range(world)):
+            for chunk in shard(spec, rows, rank, world, batch):
+                out = run_chunk(spec, chunk, seed=0, **context)
+                results, samples = results + out.results, samples + out.samples
+        return set_metrics(spec, results), sorted(samples, key=lambda s: (s["index"], s["sample"]))
+
+    engine.generate = recording
+    try:
+        one, two = evaluate(1, 7), evaluate(2, 3)
+    finally:
+        del engine.generate
+    assert calls[0] == (7, 4) and len(calls) == 1 + 4  # one call per chunk, n = k
+    assert one == two
+    assert len({s["completion"] for s in one[1]}) > 3, "sampled, not greedy"
+
+
+@pytest.mark.vllm
 def test_prompt_major_order_and_greedy_matches_transformers(setup):
     engine, policy, tok = setup
     p = prompts(tok)

@@ -73,3 +73,8 @@ def test_paper_config_values():
     assert cfg.model.optimizer.init_args.lr == 1e-6
     assert cfg.model.loss.init_args.alpha == 0.02 and cfg.model.loss.init_args.high_entropy_fraction == 0.2
     assert cfg.data.engine.class_path.endswith("VLLMEngine")
+    # evaluated as the paper reports: MATH500 greedy, avg@32 on AIME 2024/2025 and HMMT, 16k tokens
+    sets = cli.datamodule.evaluator.specs
+    assert list(sets) == ["math500", "aime24", "aime25", "hmmt"] and sets["math500"].greedy
+    assert all(sets[n].k == 32 and sets[n].temperature == 1.0 and not sets[n].greedy for n in ("aime24", "aime25", "hmmt"))
+    assert all(s.max_new_tokens == 16384 for s in sets.values())

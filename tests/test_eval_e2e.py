@@ -48,8 +48,8 @@ def tensorboard(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list[
     return scalars, texts
 
 
-def summary(folder: Path) -> dict:
-    return json.loads((folder / "lightning_logs" / "version_0" / "eval_summary.json").read_text())
+def summary(folder: Path, version: int = 0) -> dict:
+    return json.loads((folder / "lightning_logs" / f"version_{version}" / "eval_summary.json").read_text())
 
 
 def test_fit_then_validate_checkpoint_export_and_two_ranks(tiny_model_dir, tmp_path):
@@ -81,13 +81,14 @@ def test_fit_then_validate_checkpoint_export_and_two_ranks(tiny_model_dir, tmp_p
     assert sorted(p.name for p in (logs / "eval_samples").iterdir()) == sorted(
         f"{name}_step{step}.jsonl" for name in ("addition", "addition_k4") for step in (0, 2, 4))
 
-    # validate: the last checkpoint, the exported folder, and the checkpoint on 2 ranks
+    # validate: the run's last checkpoint (into the run's next log folder), the exported folder, and
+    # the checkpoint on 2 ranks
     ckpt = root / "checkpoints" / "last.ckpt"
-    run(["validate"] + small(tiny_model_dir, tmp_path / "ckpt") + ["--ckpt_path", str(ckpt)])
-    from_ckpt = summary(tmp_path / "ckpt")
+    run(["validate"] + small(tiny_model_dir, root) + ["--ckpt_path", "last"])
+    from_ckpt = summary(root, version=1)
     assert (from_ckpt["stage"], from_ckpt["step"], from_ckpt["ckpt_path"]) == ("validate", 4, str(ckpt))
     assert from_ckpt["metrics"] == last
-    ckpt_scalars, _ = tensorboard(tmp_path / "ckpt")
+    ckpt_scalars, _ = tensorboard(root / "lightning_logs" / "version_1")
     assert {n: ckpt_scalars[n] for n in names} == {n: [(4, pytest.approx(last[n], rel=1e-6))] for n in names}
 
     run(["validate"] + small(str(logs / "policy"), tmp_path / "export"))
@@ -101,6 +102,6 @@ def test_fit_then_validate_checkpoint_export_and_two_ranks(tiny_model_dir, tmp_p
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = summary(tmp_path / "ddp")
     assert two["metrics"] == last and two["sets"]["addition"]["problems"] == 15
-    one_samples = (tmp_path / "ckpt" / "lightning_logs" / "version_0" / "eval_samples" / "addition_k4_step4.jsonl")
+    one_samples = root / "lightning_logs" / "version_1" / "eval_samples" / "addition_k4_step4.jsonl"
     two_samples = (tmp_path / "ddp" / "lightning_logs" / "version_0" / "eval_samples" / "addition_k4_step4.jsonl")
     assert two_samples.read_text() == one_samples.read_text()

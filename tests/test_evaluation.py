@@ -129,6 +129,17 @@ def test_a_bad_set_fails_through_the_cli_with_one_line(tmp_path, capsys):
     assert err[-1] == "error: data.val_data.addition_k4.pass_at_k entries must be integers in [1, k=4], got 8"
 
 
+def test_validate_last_without_a_checkpoint_says_so(tmp_path, capsys):
+    from espo_lightning.cli import main
+
+    sys.argv = sys.argv[:1]
+    with pytest.raises(SystemExit):
+        main(["validate", "--config", str(REPO / "conf/eval_embedded.yaml"), "--model.model_builder", "null",
+              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --ckpt_path last: no checkpoint in {tmp_path / 'checkpoints'}")
+
+
 def test_problem_seeds_depend_on_seed_set_and_index_only():
     seeds = {problem_seed(s, name, i) for s in (0, 1) for name in ("a", "b") for i in range(100)}
     assert len(seeds) == 400

@@ -74,9 +74,11 @@ def test_fit_then_validate_checkpoint_export_and_two_ranks(tiny_model_dir, tmp_p
     assert last["val/addition_k4/avg@4"] <= last["val/addition_k4/pass@2"] <= last["val/addition_k4/pass@4"]
     assert 0 < last["val/addition_k4/avg@4"] < 1, "the sampled set has right and wrong samples"
 
-    # avg@4 is the mean correctness of the written samples (10 of the 36, plus the JSONL's own rows)
-    samples = [json.loads(line) for line in (logs / "eval_samples" / "addition_k4_step4.jsonl").read_text().splitlines()]
-    assert len(samples) == 10 and [(s["index"], s["sample"]) for s in samples[:5]] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    # the written samples: 10 of the 36, with each completion's verdict
+    lines = (logs / "eval_samples" / "addition_k4_step4.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    assert len(samples) == 10  # all 4 samples of the first problems, cut at data.val_samples_per_set
+    assert [(s["index"], s["sample"]) for s in samples[:5]] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
     assert all(s["correct"] == str(s["completion"]).startswith("1") for s in samples)
     assert sorted(p.name for p in (logs / "eval_samples").iterdir()) == sorted(
         f"{name}_step{step}.jsonl" for name in ("addition", "addition_k4") for step in (0, 2, 4))

@@ -90,12 +90,14 @@ class Evaluator:
             mine = [r for r in results if r.set_name == name]
             values = set_metrics(spec, mine)
             metrics.update(values)
-            sets[name] = {"problems": len({r.index for r in mine if r.weight > 0}), **spec.describe(), "metrics": values}
+            problems = len({r.index for r in mine if r.weight > 0})
+            sets[name] = {"problems": problems, **spec.describe(), "metrics": values}
         elapsed = None if self._started is None else round(time.perf_counter() - self._started, 3)
         log_dir = trainer.log_dir  # a collective under DDP (rank 0's folder is broadcast): every rank asks
         if trainer.is_global_zero and log_dir is not None and sets:
+            ckpt_path = trainer.ckpt_path if stage == "validate" else None  # in fit: the weights being trained
             summary = {"stage": stage, "step": step, "epoch": trainer.current_epoch, "model": model_path,
-                       "ckpt_path": trainer.ckpt_path, "time_s": elapsed, "sets": sets, "metrics": metrics}
+                       "ckpt_path": ckpt_path, "time_s": elapsed, "sets": sets, "metrics": metrics}
             self._write(Path(log_dir), step, samples, trainer.loggers, summary)
         self._reset()
         return metrics

@@ -6,6 +6,7 @@ import math
 import torch
 
 from callbacks.base import DiagnosticsCallback, step_batch, step_diagnostics, step_is_logged, write_metrics
+from espo_lightning.grad_norm import total_grad_norm  # noqa: F401 (re-exported: custom callbacks use it)
 
 
 def nonzero_advantage_tokens(batch) -> torch.Tensor:
@@ -15,20 +16,6 @@ def nonzero_advantage_tokens(batch) -> torch.Tensor:
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)  # [B, 1], broadcast over tokens
     return (mask & (adv != 0)).sum()
-
-
-def total_grad_norm(parameters) -> torch.Tensor | None:
-    """The global L2 norm of the parameters' gradients, or None when none has a gradient.
-
-    Works for plain tensors (under DDP the gradients are already all-reduced) and for FSDP2
-    ``DTensor`` shards, whose partial norm ``full_tensor()`` reduces over the mesh."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return None
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-    if hasattr(norm, "full_tensor"):  # DTensor
-        norm = norm.full_tensor()
-    return norm
 
 
 class GradientUtilizationMonitor(DiagnosticsCallback):
@@ -76,14 +63,14 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
             active = diag["grad_util/token"] * tokens
             means["grad_util/nonzero_adv_frac"] = (nonzero / tokens.clamp_min(1), tokens)
             means["grad_util/effective"] = (active / nonzero.clamp_min(1), nonzero)
-        for name, (value, weight) in means.items():
-            self.accumulate(pl_module, name, value, weight)
-        self.log_step(pl_module, means)
+        self.record_step(pl_module, means)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.grad_norm:
             return
-        norm = total_grad_norm(pl_module.parameters())
+        # PolicyModule computes it once per step and clips with the same number; other modules: here
+        shared = getattr(pl_module, "gradient_norm", None)
+        norm = shared() if callable(shared) else total_grad_norm(pl_module.parameters())
         if norm is None:
             return
         finite = torch.isfinite(norm)

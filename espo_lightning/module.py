@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from espo_lightning.errors import ConfigError
+from espo_lightning.grad_norm import can_clip_with_norm, total_grad_norm
 from espo_lightning.log_writer import step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
@@ -115,6 +116,7 @@ class PolicyModule(L.LightningModule):
         self.defer_grad_sync = defer_grad_sync
         self.export_dir = export_dir
         self.policy = None
+        self._grad_norm: tuple[torch.Tensor | None] | None = None  # this step's (norm,), see gradient_norm
         self.reference = None
         self.tokenizer = None
         # Loading is strict: the frozen reference, never saved, is skipped explicitly (a load hook
@@ -187,6 +189,8 @@ class PolicyModule(L.LightningModule):
 
     def micro_batches(self, batch: RolloutBatch) -> list[torch.Tensor]:
         """Row indices of each micro-batch of ``batch`` (CPU long tensors)."""
+        if self.micro_batch_size is None and self.max_tokens_per_micro_batch is None:
+            return [torch.arange(len(batch))]  # one pass in row order; no lengths needed
         prompt_lengths = batch.attention_mask[:, : batch.prompt_length].sum(-1)
         completion_lengths = batch.attention_mask[:, batch.prompt_length :].sum(-1)
         return plan_micro_batches(prompt_lengths, completion_lengths, self.micro_batch_size,
@@ -197,34 +201,51 @@ class PolicyModule(L.LightningModule):
 
     # ----- rollout scoring (called by the DataModule, no grad) ---------------------------------
     @torch.no_grad()
-    def score_rollout(self, batch: RolloutBatch, minibatches: list[torch.Tensor] | None = None) -> RolloutBatch:
+    def score_rollout(self, batch: RolloutBatch, minibatches: list[torch.Tensor] | None = None,
+                      defer_first: bool = False) -> RolloutBatch:
         """Fill in old log-probs, entropies, reference log-probs and ESPO's entropy groups.
 
         ``minibatches``: the row indices of the first pass's minibatches (default: one of all rows).
         Each is scored in the micro-batches ``training_step`` will cut from it, under the same
         precision context and in train mode: the first on-policy pass then computes bit-identical
-        log-probs (ratio exactly 1), which it would not if the shapes differed."""
+        log-probs (ratio exactly 1), which it would not if the shapes differed.
+
+        ``defer_first``: leave the policy's statistics of the first minibatch to the first update
+        (its rows are marked ``batch.unscored``). That update is on-policy, so the forward pass it
+        makes anyway computes exactly what this one would (``training_step``): with one minibatch
+        per rollout there is no scoring pass at all. Ignored for a loss whose ``prepare`` ranks
+        across responses."""
         minibatches = [torch.arange(len(batch))] if minibatches is None else minibatches
+        defer = defer_first and self.loss_fn.prepares_per_response
         old = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
         entropies, ref = torch.zeros_like(old), (torch.zeros_like(old) if self.reference is not None else None)
         with self.precision_context():
-            for rows in minibatches:
+            for k, rows in enumerate(minibatches):
+                score_policy = not (defer and k == 0)
+                if not score_policy and ref is None:
+                    continue
                 rows = rows.to(batch.input_ids.device)
                 minibatch = batch.select(rows).trimmed()
                 for micro_rows in self.micro_batches(minibatch):
                     micro = minibatch.select(micro_rows.to(rows.device)).trimmed()
                     target, width = rows[micro_rows.to(rows.device)], micro.completion_mask.shape[1]
-                    lp, ent = self.scorer.logprobs_and_entropy(self.policy, micro)
-                    old[target, :width], entropies[target, :width] = lp, ent
+                    if score_policy:
+                        lp, ent = self.scorer.logprobs_and_entropy(self.policy, micro)
+                        old[target, :width], entropies[target, :width] = lp, ent
                     if ref is not None:
                         ref[target, :width] = self.scorer.logprobs_and_entropy(self.reference, micro)[0]
         batch.old_logprobs, batch.entropies, batch.ref_logprobs = old, entropies, ref
         batch.group_ids = self.loss_fn.prepare(batch.entropies, batch.completion_mask)
+        batch.unscored = None
+        if defer and minibatches:
+            batch.unscored = torch.zeros(len(batch), dtype=torch.bool, device=old.device)
+            batch.unscored[minibatches[0].to(old.device)] = True
         return batch
 
     # ----- training ---------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch | ServedBatch, batch_idx: int) -> dict:
         batch = unwrap(batch)
+        self._grad_norm = None  # (norm,) once computed for this step's gradients
         counts = self._global_counts(batch.completion_mask)
         plan = self._equalised(self.micro_batches(batch))
         # DDP and FSDP2 average gradients over ranks; every rank's loss is already divided by the
@@ -232,13 +253,16 @@ class PolicyModule(L.LightningModule):
         scale = float(self._world_size())
         logprobs = torch.zeros_like(batch.old_logprobs)  # [B, Lc] detached, for the minibatch's metrics
         loss_sum = torch.zeros((), device=batch.old_logprobs.device)
+        fill = self._check_unscored(batch)
         for k, (rows, padding) in enumerate(plan):
             rows = rows.to(batch.input_ids.device)
             micro = batch.select(rows).trimmed()
             if padding:  # see _equalised: no valid token, zero gradient
                 micro.completion_mask = torch.zeros_like(micro.completion_mask)
-            logp = self.scorer.logprobs(self.policy, micro)
-            loss, _ = self.loss_fn(
+            logp, entropies = self.scorer.logprobs_with_entropy(self.policy, micro, with_entropy=fill)
+            if fill:
+                self._fill_old_policy(batch, rows, micro, logp.detach(), entropies, write=not padding)
+            loss, micro_metrics = self.loss_fn(
                 logprobs=logp, old_logprobs=micro.old_logprobs, advantages=micro.advantages,
                 mask=micro.completion_mask, entropies=micro.entropies, ref_logprobs=micro.ref_logprobs,
                 group_ids=micro.group_ids, normalizer=counts)
@@ -247,17 +271,47 @@ class PolicyModule(L.LightningModule):
             if not padding:
                 logprobs[rows, : logp.shape[1]] = logp.detach()
             loss_sum += loss.detach()
-        with torch.no_grad():  # the minibatch's diagnostics, exactly as one pass over it would give
-            _, metrics = self.loss_fn(
-                logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
-                mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
-                group_ids=batch.group_ids)
+        batch.unscored = None
+        if _is_whole(plan, micro, batch):  # that pass's metrics describe the minibatch (the same inputs)
+            metrics = micro_metrics
+        else:
+            with torch.no_grad():  # the minibatch's diagnostics, exactly as one pass over it would give
+                _, metrics = self.loss_fn(
+                    logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
+                    mask=batch.completion_mask, entropies=batch.entropies, ref_logprobs=batch.ref_logprobs,
+                    group_ids=batch.group_ids)
         self._optimizer_step(stepped=bool(counts.tokens > 0))
         self._log_loss(loss_sum, metrics.get("kl/mean"))
         rollout = getattr(self.trainer.datamodule, "last_rollout", None) if self._trainer else None
         if rollout is not None and batch_idx == 0:
             self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)
         return {"loss": loss_sum, "metrics": metrics, "batch": batch}
+
+    @staticmethod
+    def _check_unscored(batch: RolloutBatch) -> bool:
+        """Whether this minibatch is the deferred first one (``score_rollout``): every row unscored.
+        A minibatch holding only some unscored rows would train on old log-probs of zero."""
+        if batch.unscored is None:
+            return False
+        if not bool(batch.unscored.all()):
+            raise RuntimeError("a minibatch mixes rows scored at rollout time with rows left to the first "
+                               "update (RolloutBatch.unscored); only the first minibatch may be deferred")
+        return True
+
+    def _fill_old_policy(self, batch: RolloutBatch, rows: torch.Tensor, micro: RolloutBatch, logp: torch.Tensor,
+                         entropies: torch.Tensor, write: bool) -> None:
+        """The first update is on-policy: its own pass gives the old policy's log-probs and
+        entropies of ``micro`` (bit-identical to the scoring pass, ratio exactly 1), and the entropy
+        groups follow from them. Written into ``micro`` for its loss and, unless it is a padding
+        pass, into ``batch`` for the step's diagnostics and the callbacks."""
+        micro.old_logprobs, micro.entropies = logp, entropies
+        micro.group_ids = self.loss_fn.prepare(entropies, micro.completion_mask)
+        if not write:
+            return
+        width = logp.shape[1]
+        batch.old_logprobs[rows, :width], batch.entropies[rows, :width] = logp, entropies
+        if micro.group_ids is not None:
+            batch.group_ids[rows, :width] = micro.group_ids
 
     def _log_loss(self, loss_sum: torch.Tensor, kl: torch.Tensor | None) -> None:
         """``loss/policy`` (the sum of the ranks' shares of the global loss) and ``loss/kl`` (mean over ranks)."""
@@ -317,10 +371,29 @@ class PolicyModule(L.LightningModule):
                 scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def gradient_norm(self) -> torch.Tensor | None:
+        """The global L2 norm of the policy's gradients before clipping, computed at most once per
+        optimizer step: gradient clipping and ``GradientUtilizationMonitor`` share it. None when no
+        parameter has a gradient."""
+        if self._grad_norm is None:
+            self._grad_norm = (total_grad_norm(self._trained_parameters()),)
+        return self._grad_norm[0]
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # After the callbacks' hooks (they see the unclipped gradients, as under automatic optimization).
-        if self.trainer.gradient_clip_val:
+        clip = self.trainer.gradient_clip_val
+        if not clip:
+            return
+        params = self._trained_parameters()
+        if not can_clip_with_norm(self.trainer, params):
             self.clip_gradients(optimizer)
+            return
+        norm = self.gradient_norm()
+        if norm is not None:  # what clip_grad_norm_ does, without computing the norm a second time
+            torch.nn.utils.clip_grads_with_norm_(params, float(clip), norm)
 
     # ----- validation: the evaluation sets (espo_lightning.evaluation) ------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -374,6 +447,16 @@ class PolicyModule(L.LightningModule):
             if not target.is_absolute() and self.trainer.log_dir:
                 target = Path(self.trainer.log_dir) / target
             export_policy(self, str(target))
+
+
+def _is_whole(plan: list[tuple[torch.Tensor, bool]], micro: RolloutBatch, batch: RolloutBatch) -> bool:
+    """Whether the step was one pass over every row of ``batch`` in its own order and shape: then
+    that pass's loss saw exactly the minibatch's tensors (a loss's metrics describe the rows given,
+    whatever its normalizer) and computing them again would only repeat it."""
+    if len(plan) != 1 or plan[0][1] or micro.completion_mask.shape != batch.completion_mask.shape:
+        return False
+    rows = plan[0][0]
+    return rows.device.type == "cpu" and torch.equal(rows, torch.arange(len(batch)))
 
 
 def _skip_reference(module, incompatible_keys) -> None:

@@ -101,6 +101,23 @@ def test_micro_batch_losses_and_gradients_equal_one_pass(name, limits):
     torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_metrics_describe_the_rows_given_whatever_the_normalizer(name):
+    """``training_step`` reuses a single pass's metrics for the minibatch instead of computing them
+    again without grad: that is exact only if the normalizer and grad mode leave them unchanged."""
+    loss_fn = LOSSES[name]()
+    inputs = _inputs()
+    group_ids = loss_fn.prepare(inputs["entropies"], inputs["mask"])
+    leaf = inputs["logprobs"].clone().requires_grad_(True)
+    counts = Normalizer(torch.tensor(40.0), torch.tensor(321.0))  # as if other micro-batches and ranks existed
+    _, with_grad = loss_fn(**{**inputs, "logprobs": leaf}, group_ids=group_ids, normalizer=counts)
+    with torch.no_grad():
+        _, plain = loss_fn(**inputs, group_ids=group_ids)
+    assert with_grad.keys() == plain.keys() and len(plain) >= 9
+    for key, value in plain.items():
+        assert not with_grad[key].requires_grad and torch.equal(with_grad[key], value), key
+
+
 @pytest.mark.parametrize("name", ["espo", "grpo", "gspo"])
 def test_per_token_advantages_too(name):
     loss_fn = LOSSES[name]()
@@ -202,3 +219,33 @@ def test_training_step_with_micro_batches_equals_one_pass(tiny_model_dir):
         for got, want in zip(metrics, one_metrics):
             assert got.keys() == want.keys()
             assert all(abs(got[k] - want[k]) < 1e-6 for k in want), kwargs
+
+
+def test_clipping_with_the_shared_norm_equals_lightnings_clipping(tiny_model_dir, monkeypatch):
+    """The module clips by the gradient norm it computed once for the step (and that
+    GradientUtilizationMonitor logs); Lightning's own ``clip_gradients`` computes it again. Both
+    must give the same weights, bit for bit, with a clip value that really clips."""
+    import espo_lightning.module as module_file
+
+    batch = _scored_batch(tiny_model_dir)
+    shared, _ = _train(tiny_model_dir, batch)
+    monkeypatch.setattr(module_file, "can_clip_with_norm", lambda trainer, params: False)
+    lightning, _ = _train(tiny_model_dir, batch)
+    for name, value in lightning.items():
+        assert torch.equal(shared[name], value), name
+
+
+def test_shared_norm_is_refused_where_lightning_clips_otherwise():
+    from espo_lightning.grad_norm import can_clip_with_norm
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    assert can_clip_with_norm(L.Trainer(gradient_clip_val=1.0, logger=False), [p])
+    assert not can_clip_with_norm(L.Trainer(gradient_clip_val=1.0, gradient_clip_algorithm="value", logger=False), [p])
+    from lightning.pytorch.plugins.precision import Precision
+
+    class OwnClipping(Precision):  # as precision plugins that clip sharded gradients their own way
+        def clip_grad_by_norm(self, optimizer, clip_val):
+            raise AssertionError
+
+    assert not can_clip_with_norm(L.Trainer(gradient_clip_val=1.0, plugins=[OwnClipping()], logger=False), [p])

@@ -4,7 +4,9 @@ micro-batches the first training pass uses, and dropout disabled. Checked on rea
 tiny model under 32-true, bf16-mixed and bf16-true in one process, and under FSDP2 on 2 ranks.
 
 Each rollout here is one minibatch (``data.minibatch_size`` unset) cut into micro-batches of 3
-responses, so every training step is the first pass over freshly scored rows."""
+responses. With ``ppo_epochs: 2`` the rollout is scored up front and each rollout's first step is
+the first pass over freshly scored rows; with one pass the first update scores its rows itself
+(``tests/test_deferred_scoring.py``), and the ratio must be 1 all the same."""
 from __future__ import annotations
 
 import json
@@ -30,7 +32,8 @@ class _Ratios(L.Callback):
                            "clip_total": float(m["clip/total"]), "tokens": float(m["count/tokens"])})
 
 
-def _fit(model_dir: str, precision: str, epochs: int = 2, strategy=None, devices: int = 1, **module_kwargs):
+def _fit(model_dir: str, precision: str, epochs: int = 2, strategy=None, devices: int = 1, ppo_epochs: int = 2,
+         **module_kwargs):
     from espo_lightning.losses import ESPOLoss
     from espo_lightning.module import PolicyModule
     from espo_lightning.rewards import exact_match
@@ -40,14 +43,15 @@ def _fit(model_dir: str, precision: str, epochs: int = 2, strategy=None, devices
     module = PolicyModule(model_dir, loss=ESPOLoss(), micro_batch_size=3,
                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **module_kwargs)
     dm = RolloutDataModule(train_data=AdditionSource(num_problems=40, seed=5), reward_funcs=[exact_match],
-                           prompts_per_rollout=4, num_generations=4, max_new_tokens=4)
+                           prompts_per_rollout=4, num_generations=4, max_new_tokens=4, ppo_epochs=ppo_epochs)
     ratios = _Ratios()
     kwargs = {"strategy": strategy} if strategy is not None else {}
     trainer = L.Trainer(accelerator="cpu", devices=devices, max_epochs=epochs, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1, callbacks=[ratios], **kwargs)
     trainer.fit(module, datamodule=dm)
-    return trainer, ratios.steps
+    assert len(ratios.steps) == epochs * ppo_epochs
+    return trainer, ratios.steps[::ppo_epochs]  # the first step of each rollout: on-policy
 
 
 def _assert_on_policy(steps, epochs: int = 2):
@@ -58,9 +62,10 @@ def _assert_on_policy(steps, epochs: int = 2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
-def test_first_pass_ratio_is_exactly_one(tiny_model_dir, precision):
-    _, steps = _fit(tiny_model_dir, precision)
+@pytest.mark.parametrize("precision, ppo_epochs", [("32-true", 2), ("bf16-mixed", 2), ("bf16-true", 2),
+                                                   ("bf16-mixed", 1)])
+def test_first_pass_ratio_is_exactly_one(tiny_model_dir, precision, ppo_epochs):
+    _, steps = _fit(tiny_model_dir, precision, ppo_epochs=ppo_epochs)
     _assert_on_policy(steps)
     assert all(s["ratio_max"] == 1.0 for s in steps), steps  # bit-identical, not just close
 
@@ -85,10 +90,11 @@ def worker(model_dir: str, out: str) -> None:
 
     from espo_lightning.distributed import shutdown
 
-    trainer, steps = _fit(model_dir, "bf16-mixed", devices=2,
-                          strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                          max_tokens_per_micro_batch=24)  # ranks cut different numbers of micro-batches
-    Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(steps))
+    for ppo_epochs in (2, 1):  # scored up front; scored by the first update (with padding passes)
+        trainer, steps = _fit(model_dir, "bf16-mixed", devices=2, ppo_epochs=ppo_epochs,
+                              strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                              max_tokens_per_micro_batch=24)  # ranks cut different numbers of micro-batches
+        Path(out, f"rank{trainer.global_rank}-{ppo_epochs}.json").write_text(json.dumps(steps))
     shutdown()
 
 
@@ -101,7 +107,8 @@ def test_first_pass_ratio_is_one_under_fsdp2_bf16(tiny_model_dir, tmp_path):
                           env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for rank in (0, 1):
-        _assert_on_policy(json.loads((tmp_path / f"rank{rank}.json").read_text()))
+        for ppo_epochs in (2, 1):
+            _assert_on_policy(json.loads((tmp_path / f"rank{rank}-{ppo_epochs}.json").read_text()))
 
 
 if __name__ == "__main__":

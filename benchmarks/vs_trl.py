@@ -29,7 +29,8 @@ PROMPTS, G, MINIBATCH, LR, EPS = 32, 8, 64, 2e-4, 0.2
 # task where generation dominates (item 3).
 MODELS = {
     "small": dict(task="addition", folder=".cache/bench-addition-500", sft_steps=500, hidden=128, layers=3, new=4),
-    "large": dict(task="chain", folder=".cache/bench-chain-192x4", sft_steps=200, hidden=192, layers=4, new=24),
+    # 128 wide (head size 32: the CPU build of vLLM takes 32, 64, 80, ...; 192 / 4 heads = 48 it refuses)
+    "large": dict(task="chain", folder=".cache/bench-chain-128x6", sft_steps=200, hidden=128, layers=6, new=24),
 }
 
 
@@ -59,7 +60,7 @@ def run_trl(args, spec: dict, out: Path) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.t0 = self.t1 = None
+            self.t0 = self.t1 = self.t_first = None
             self.steps, self.rewards = 0, []
 
         def on_train_begin(self, *a, **k):
@@ -67,6 +68,8 @@ def run_trl(args, spec: dict, out: Path) -> dict:
 
         def on_step_end(self, *a, **k):
             self.steps += 1
+            if self.steps == PROMPTS * G // MINIBATCH:  # the first generation and its updates are done
+                self.t_first = time.perf_counter()
 
         def on_log(self, *a, logs=None, **k):
             if logs and "reward" in logs:
@@ -99,7 +102,8 @@ def run_trl(args, spec: dict, out: Path) -> dict:
                           reward_funcs=[reward_fn], args=config, train_dataset=datasets.Dataset.from_list(rows),
                           callbacks=[timer])
     trainer.train()
-    return {"loop_s": timer.t1 - timer.t0, "steps": timer.steps, "rewards": timer.rewards}
+    return {"loop_s": timer.t1 - timer.t0, "steady_s": timer.t1 - timer.t_first, "steps": timer.steps,
+            "rewards": timer.rewards}
 
 
 def run_ours(args, spec: dict, out: Path, loss: str) -> dict:
@@ -178,8 +182,10 @@ def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     steps_per_generation = PROMPTS * G // MINIBATCH
-    t0, curve = time.perf_counter(), []
+    t0, t_first, curve = time.perf_counter(), None, []
     for generation in range(args.steps // steps_per_generation):
+        if generation == 1:
+            t_first = time.perf_counter()
         chunk = rows[(generation * PROMPTS) % len(rows):][:PROMPTS]
         prompt_ids = [tok.encode(r["prompt"]) for r in chunk]
         sampling = Sampling(n=G, temperature=1.0, top_p=1.0, max_new_tokens=spec["new"], seed=generation)
@@ -203,7 +209,8 @@ def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {"loop_s": time.perf_counter() - t0, "steps": args.steps, "rewards": curve}
+    now = time.perf_counter()
+    return {"loop_s": now - t0, "steady_s": now - t_first, "steps": args.steps, "rewards": curve}
 
 
 def _lightning_timer():
@@ -213,20 +220,23 @@ def _lightning_timer():
         """Loop seconds, optimizer steps and each rollout's mean reward, written when training ends."""
 
         def __init__(self, path: str):
-            self.path, self.t0, self.steps, self.rewards = path, None, 0, []
+            self.path, self.t0, self.t_first, self.steps, self.rewards = path, None, None, 0, []
 
         def on_fit_start(self, trainer, pl_module):
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.steps += 1
+            if self.steps == PROMPTS * G // MINIBATCH:  # the first generation and its updates are done
+                self.t_first = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):
             self.rewards.append(float(trainer.datamodule.last_rollout.reward_mean))
 
         def on_train_end(self, trainer, pl_module):
-            Path(self.path).write_text(json.dumps(
-                {"loop_s": time.perf_counter() - self.t0, "steps": self.steps, "rewards": self.rewards}))
+            now = time.perf_counter()
+            Path(self.path).write_text(json.dumps({"loop_s": now - self.t0, "steady_s": now - self.t_first,
+                                                   "steps": self.steps, "rewards": self.rewards}))
 
     return LoopTimer
 
@@ -275,19 +285,32 @@ def blocks(rewards: list[float], n: int = 5) -> str:
 
 
 def table(results: dict[str, list[dict]], steps: int) -> str:
+    """One row per side. "steady" leaves out the first generation and its updates on both sides
+    (engine start-up and first-call warm-up: vLLM's CPU build spends ~15 s in its first generate)."""
+    first = PROMPTS * G // MINIBATCH
     peer = statistics.median(r["loop_s"] for r in results["trl"]) if "trl" in results else None
+    steady_peer = statistics.median(r["steady_s"] for r in results["trl"]) if "trl" in results else None
     lines = ["| side | loop s (median; runs) | ms / optimizer step | completions / s | vs TRL | "
+             "vs TRL, paired (median; per repeat) | steady ms / step | steady vs TRL | "
              "reward by fifths of the run (median run) | mean reward |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for side, runs in results.items():
         loop = statistics.median(r["loop_s"] for r in runs)
+        steady = statistics.median(r["steady_s"] for r in runs)
         made = steps * MINIBATCH
         median_run = sorted(runs, key=lambda r: r["loop_s"])[len(runs) // 2]
         mean_reward = statistics.fmean(statistics.fmean(r["rewards"]) for r in runs)
         ratio = f"{peer / loop:.2f}x" if peer else "-"
+        steady_ratio = f"{steady_peer / steady:.2f}x" if steady_peer else "-"
         each = ", ".join(f"{r['loop_s']:.1f}" for r in runs)
+        # this machine's speed drifts between minutes: the ratio within each repeat (the two runs
+        # next to each other in time) is steadier than the ratio of medians
+        pairs = [t["loop_s"] / r["loop_s"] for t, r in zip(results.get("trl", []), runs)]
+        paired = (f"{statistics.median(pairs):.2f}x ({', '.join(f'{x:.2f}' for x in pairs)})"
+                  if pairs and side != "trl" else "-")
         lines.append(f"| {side} | {loop:.1f} ({each}) | "
-                     f"{loop / steps * 1000:.0f} ms | {made / loop:.0f} | {ratio} | {blocks(median_run['rewards'])} | "
+                     f"{loop / steps * 1000:.0f} ms | {made / loop:.0f} | {ratio} | {paired} | "
+                     f"{steady / (steps - first) * 1000:.0f} ms | {steady_ratio} | {blocks(median_run['rewards'])} | "
                      f"{mean_reward:.3f} |")
     return "\n".join(lines)
 

@@ -1,4 +1,7 @@
-"""Two small torchmetrics ``Metric`` classes the diagnostics callbacks aggregate with.
+"""Two small torchmetrics ``Metric`` classes for diagnostics: ``HistogramSketch`` (the entropy and
+advantage histograms of ``EntropyGroupMonitor`` and ``example_custom``) and ``WeightedMean`` (for
+custom callbacks that keep their own torchmetrics state; ``DiagnosticsCallback`` packs its scalar
+aggregates into one tensor instead, see ``callbacks/base.py``).
 
 Both keep their state as tensors on the module's device, update without host synchronisation and
 are reduced across ranks by torchmetrics (sum / min / max of the states) when ``compute`` is called,

@@ -100,7 +100,8 @@ class TokenScorer:
         on the fused path (the losses ignore off-mask values)."""
         return self.logprobs_with_entropy(model, batch, with_entropy=False)[0]
 
-    def logprobs_with_entropy(self, model, batch, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def logprobs_with_entropy(self, model, batch,
+                              with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Differentiable log-probs ``[B, Lc]`` and, with ``with_entropy``, the entropies ``[B, Lc]``
         (no gradient) from the same forward pass: the first, on-policy update of a rollout takes the
         old policy's statistics from its own pass. Both are bit-identical to ``logprobs_and_entropy``."""

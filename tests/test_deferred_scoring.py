@@ -37,8 +37,8 @@ class _Steps(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.metrics.append({k: float(v) for k, v in outputs["metrics"].items()})
         b = outputs["batch"]
-        self.batches.append({k: getattr(b, k).clone() for k in ("old_logprobs", "entropies")}
-                            | ({"group_ids": b.group_ids.clone()} if b.group_ids is not None else {}))
+        keys = ("old_logprobs", "entropies", "group_ids", "ref_logprobs")
+        self.batches.append({k: getattr(b, k).clone() for k in keys if getattr(b, k) is not None})
 
 
 def _rollout(model_dir: str):
@@ -89,9 +89,10 @@ def _run(model_dir: str, loss, defer: bool, **module_kwargs):
     ("espo", {"micro_batch_size": 3}),
     ("espo", {"fused_lm_head": False, "max_tokens_per_micro_batch": 30}),
     ("grpo", {}),
+    ("espo_kl", {"micro_batch_size": 5}),  # the reference is still scored up front for every row
 ])
 def test_first_update_scoring_itself_equals_scoring_up_front(tiny_model_dir, loss_name, module_kwargs):
-    make = {"espo": lambda: ESPOLoss(), "grpo": lambda: GRPOLoss()}[loss_name]
+    make = {"espo": lambda: ESPOLoss(), "grpo": lambda: GRPOLoss(), "espo_kl": lambda: ESPOLoss(beta=0.05)}[loss_name]
     w_ref, ref, rest_ref = _run(tiny_model_dir, make(), defer=False, **module_kwargs)
     w_def, got, rest_def = _run(tiny_model_dir, make(), defer=True, **module_kwargs)
     assert ref.metrics[0]["ratio/max"] == 1.0 and got.metrics[0]["ratio/max"] == 1.0  # on-policy, bit-exact

@@ -35,3 +35,16 @@ def can_clip_with_norm(trainer, parameters: list[torch.nn.Parameter]) -> bool:
     if type(plugin).clip_grad_by_norm is not Precision.clip_grad_by_norm:
         return False
     return not any(type(p.grad) is not torch.Tensor for p in parameters if p.grad is not None)
+
+
+def clip_with_shared_norm(module, optimizer, clip: float) -> None:
+    """Clip ``module``'s trained parameters to ``clip`` by the norm its ``gradient_norm()`` computed
+    for this step (the one ``grad/norm`` logs), exactly as Lightning's ``clip_gradients`` would;
+    where that would not be exact (``can_clip_with_norm``), through Lightning's own path."""
+    params = module.trained_parameters()
+    if not can_clip_with_norm(module.trainer, params):
+        module.clip_gradients(optimizer)
+        return
+    norm = module.gradient_norm()
+    if norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, float(clip), norm)

@@ -49,3 +49,12 @@ def plan_micro_batches(prompt_lengths: Tensor, completion_lengths: Tensor, micro
     if current:
         plans.append(current)
     return [torch.tensor(p, dtype=torch.long) for p in plans]
+
+
+def is_one_pass(plan: list[tuple[Tensor, bool]], rows: int) -> bool:
+    """Whether ``plan`` (``(row indices, padding)`` per pass) is a single real pass over all ``rows``
+    in their own order, as ``plan_micro_batches`` gives without limits."""
+    if len(plan) != 1 or plan[0][1]:
+        return False
+    index = plan[0][0]
+    return index.device.type == "cpu" and torch.equal(index, torch.arange(rows))

@@ -18,11 +18,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from espo_lightning.errors import ConfigError
-from espo_lightning.grad_norm import can_clip_with_norm, total_grad_norm
+from espo_lightning.grad_norm import clip_with_shared_norm, total_grad_norm
 from espo_lightning.log_writer import step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
-from espo_lightning.micro_batches import plan_micro_batches
+from espo_lightning.micro_batches import is_one_pass, plan_micro_batches
 from espo_lightning.old_policy import fill_old_policy, is_unscored, score_rollout
 from espo_lightning.policy_setup import check_optimizer, disable_dropout
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch, unwrap
@@ -204,8 +204,7 @@ class PolicyModule(L.LightningModule):
     # ----- rollout scoring (called by the DataModule, no grad; espo_lightning.old_policy) ------
     def score_rollout(self, batch: RolloutBatch, minibatches: list[torch.Tensor] | None = None,
                       defer_first: bool = False) -> RolloutBatch:
-        """Fill in old log-probs, entropies, reference log-probs and ESPO's entropy groups; with
-        ``defer_first`` the first minibatch is left to the first update (``old_policy.score_rollout``)."""
+        """The rollout's old-policy statistics; see ``old_policy.score_rollout`` (``defer_first``)."""
         return score_rollout(self, batch, minibatches, defer_first)
 
     # ----- training ---------------------------------------------------------------------------
@@ -238,7 +237,9 @@ class PolicyModule(L.LightningModule):
                 logprobs[rows, : logp.shape[1]] = logp.detach()
             loss_sum += loss.detach()
         batch.unscored = None
-        if _is_whole(plan, micro, batch):  # that pass's metrics describe the minibatch (the same inputs)
+        # one pass over the minibatch as it is: its loss saw exactly these tensors, so its metrics
+        # (they describe the rows given, whatever the normalizer) are the minibatch's
+        if is_one_pass(plan, len(batch)) and micro.completion_mask.shape == batch.completion_mask.shape:
             metrics = micro_metrics
         else:
             with torch.no_grad():  # the minibatch's diagnostics, exactly as one pass over it would give
@@ -316,31 +317,22 @@ class PolicyModule(L.LightningModule):
         optimizer step: gradient clipping and ``GradientUtilizationMonitor`` share it. None when no
         parameter has a gradient."""
         if self._grad_norm is None:
-            self._grad_norm = (total_grad_norm(self._trained_parameters()),)
+            self._grad_norm = (total_grad_norm(self.trained_parameters()),)
         return self._grad_norm[0]
 
-    def _trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.policy.parameters() if p.requires_grad]
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]  # what the optimizer holds
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # After the callbacks' hooks (they see the unclipped gradients, as under automatic optimization).
-        clip = self.trainer.gradient_clip_val
-        if not clip:
-            return
-        params = self._trained_parameters()
-        if not can_clip_with_norm(self.trainer, params):
-            self.clip_gradients(optimizer)
-            return
-        norm = self.gradient_norm()
-        if norm is not None:  # what clip_grad_norm_ does, without computing the norm a second time
-            torch.nn.utils.clip_grads_with_norm_(params, float(clip), norm)
+        if self.trainer.gradient_clip_val:
+            clip_with_shared_norm(self, optimizer, self.trainer.gradient_clip_val)
 
     # ----- the training loop's garbage collector ----------------------------------------------
     def on_train_start(self) -> None:
-        # Everything built so far (torch, transformers, Lightning, the models) lives as long as the
-        # run, and each full collection walks all of it: 260 ms on the 2-core CPU machine, once per
-        # few hundred steps. Frozen, collections see only what the loop allocates. Only the young
-        # generations are collected first (a full collection here would cost as much as it saves).
+        # Everything built so far lives as long as the run, and each full collection walks all of it
+        # (260 ms on the 2-core CPU machine, every few hundred steps). Frozen, collections see only
+        # what the loop allocates. A full collection first would cost as much as it saves.
         gc.collect(1)
         gc.freeze()
 
@@ -399,16 +391,6 @@ class PolicyModule(L.LightningModule):
             if not target.is_absolute() and self.trainer.log_dir:
                 target = Path(self.trainer.log_dir) / target
             export_policy(self, str(target))
-
-
-def _is_whole(plan: list[tuple[torch.Tensor, bool]], micro: RolloutBatch, batch: RolloutBatch) -> bool:
-    """Whether the step was one pass over every row of ``batch`` in its own order and shape: then
-    that pass's loss saw exactly the minibatch's tensors (a loss's metrics describe the rows given,
-    whatever its normalizer) and computing them again would only repeat it."""
-    if len(plan) != 1 or plan[0][1] or micro.completion_mask.shape != batch.completion_mask.shape:
-        return False
-    rows = plan[0][0]
-    return rows.device.type == "cpu" and torch.equal(rows, torch.arange(len(batch)))
 
 
 def _skip_reference(module, incompatible_keys) -> None:

@@ -55,6 +55,15 @@ def score_rollout(module, batch: RolloutBatch, minibatches: list[torch.Tensor] |
     return batch
 
 
+def only_deferred_marked(minibatches: list[RolloutBatch]) -> list[RolloutBatch]:
+    """The served minibatches, with the ``unscored`` marker kept only on the one holding deferred
+    rows: checked once per rollout here, so ``training_step`` reads ``None`` without a host sync."""
+    for b in minibatches:
+        if b.unscored is not None and not bool(b.unscored.any()):
+            b.unscored = None
+    return minibatches
+
+
 def is_unscored(batch: RolloutBatch) -> bool:
     """Whether this minibatch is the deferred first one: every row unscored. A minibatch holding only
     some unscored rows would train on old log-probs of zero, so it is refused."""

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from espo_lightning.losses import ESPOLoss, GRPOLoss
+from rollout_toys import toy_rollout
 
 
 class _Serve(L.LightningDataModule):
@@ -41,31 +42,12 @@ class _Steps(L.Callback):
         self.batches.append({k: getattr(b, k).clone() for k in keys if getattr(b, k) is not None})
 
 
-def _rollout(model_dir: str):
-    """16 responses of 1 to 5 sampled-looking tokens under 4 prompts, with group advantages."""
-    from transformers import AutoTokenizer
-
-    from espo_lightning.advantages import group_advantages
-    from espo_lightning.rollout.tensors import build_rollout_batch
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    gen = torch.Generator().manual_seed(1)
-    prompts, completions = [], []
-    for p in range(4):
-        ids = tok.encode(f"{3 + 17 * p}+{9 * p}=")
-        for j in range(4):
-            prompts.append(ids)
-            completions.append([int(x) for x in torch.randint(3, 13, (1 + (p * 3 + j) % 5,), generator=gen)])
-    rewards = torch.rand(len(completions), generator=gen).round()
-    return build_rollout_batch(prompts, completions, tok.pad_token_id, group_advantages(rewards, 4), rewards, None, 1.0)
-
-
 def _run(model_dir: str, loss, defer: bool, **module_kwargs):
     from espo_lightning.module import PolicyModule
 
     module = PolicyModule(model_dir, loss=loss, optimizer=lambda p: torch.optim.SGD(p, lr=5.0), **module_kwargs)
     module.configure_model()
-    rollout = _rollout(model_dir)
+    rollout = toy_rollout(model_dir)
     first, second = torch.tensor([0, 5, 6, 9, 10, 15, 2, 12]), torch.tensor([1, 3, 4, 7, 8, 11, 13, 14])
     rollout = module.score_rollout(rollout, [first, second], defer_first=defer)
     minibatch = rollout.select(first).trimmed()
@@ -115,7 +97,7 @@ def test_batch_scoped_grouping_is_never_deferred(tiny_model_dir):
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss(scope="batch"))
     module.configure_model()
-    rollout = module.score_rollout(_rollout(tiny_model_dir), [torch.arange(8), torch.arange(8, 16)], defer_first=True)
+    rollout = module.score_rollout(toy_rollout(tiny_model_dir), [torch.arange(8), torch.arange(8, 16)], defer_first=True)
     assert rollout.unscored is None and bool((rollout.old_logprobs != 0).any(-1).all())
 
 
@@ -125,7 +107,7 @@ def test_a_minibatch_mixing_scored_and_unscored_rows_is_refused(tiny_model_dir):
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss())
     module.configure_model()
-    rollout = module.score_rollout(_rollout(tiny_model_dir), [torch.arange(8), torch.arange(8, 16)], defer_first=True)
+    rollout = module.score_rollout(toy_rollout(tiny_model_dir), [torch.arange(8), torch.arange(8, 16)], defer_first=True)
     mixed = rollout.select(torch.arange(4, 12))
     with pytest.raises(RuntimeError, match="mixes rows scored"):
         is_unscored(mixed)

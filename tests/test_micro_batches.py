@@ -165,26 +165,13 @@ class _Outputs(L.Callback):
 def _scored_batch(model_dir: str):
     """Responses of 1 to 5 tokens under prompts of 4 to 6 tokens, old log-probs perturbed so that
     ESPO clips part of the batch."""
-    from transformers import AutoTokenizer
-
-    from espo_lightning.advantages import group_advantages
     from espo_lightning.module import PolicyModule
-    from espo_lightning.rollout.tensors import build_rollout_batch
+    from rollout_toys import toy_rollout
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    gen = torch.Generator().manual_seed(1)
-    prompts, completions = [], []
-    for p in range(4):
-        ids = tok.encode(f"{3 + 17 * p}+{9 * p}=")
-        for j in range(4):
-            prompts.append(ids)
-            completions.append([int(x) for x in torch.randint(3, 13, (1 + (p * 3 + j) % 5,), generator=gen)])
-    rewards = torch.rand(len(completions), generator=gen).round()
-    batch = build_rollout_batch(prompts, completions, tok.pad_token_id, group_advantages(rewards, 4), rewards,
-                                None, 1.0)
     module = PolicyModule(model_dir, loss=ESPOLoss())
     module.configure_model()
-    batch = module.score_rollout(batch)
+    batch = module.score_rollout(toy_rollout(model_dir))
+    gen = torch.Generator().manual_seed(2)
     batch.old_logprobs = batch.old_logprobs + 0.05 * torch.randn(batch.old_logprobs.shape, generator=gen)
     return batch
 
@@ -225,7 +212,7 @@ def test_clipping_with_the_shared_norm_equals_lightnings_clipping(tiny_model_dir
     """The module clips by the gradient norm it computed once for the step (and that
     GradientUtilizationMonitor logs); Lightning's own ``clip_gradients`` computes it again. Both
     must give the same weights, bit for bit, with a clip value that really clips."""
-    import espo_lightning.module as module_file
+    import espo_lightning.grad_norm as module_file
 
     batch = _scored_batch(tiny_model_dir)
     shared, _ = _train(tiny_model_dir, batch)

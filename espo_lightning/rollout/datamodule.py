@@ -25,6 +25,7 @@ from espo_lightning.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
 from espo_lightning.evaluation import EvalSet, Evaluator, resolve_sets
+from espo_lightning.old_policy import only_deferred_marked
 from espo_lightning.rollout import resume
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
@@ -377,12 +378,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def minibatches(self, batch: RolloutBatch, epoch: int) -> list[RolloutBatch]:
         device = batch.input_ids.device
-        served = [batch.select(idx.to(device)).trimmed()
-                  for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass]
-        for b in served:  # only the minibatch that holds the deferred rows carries the marker
-            if b.unscored is not None and not bool(b.unscored.any()):
-                b.unscored = None
-        return served
+        return only_deferred_marked([batch.select(idx.to(device)).trimmed()
+                                     for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass])
 
     # ----- validation (espo_lightning.evaluation) ----------------------------------------------
     def val_dataloader(self) -> DataLoader | list:

@@ -31,7 +31,9 @@ gives subclasses these helpers:
   copy.
 - ``accumulate(pl_module, name, value, weight)`` / ``accumulate_max(...)``: add to the epoch
   aggregate of ``name`` (a weighted mean with weight = tokens or sequences, or a maximum).
-- ``record_step(pl_module, means, maxes)``: both of the above for a step's values, packed once.
+- ``record_step(pl_module, means, maxes)``: both of the above for a step's values. Accumulating
+  only queues the values (no tensor op); the queue is folded in when the epoch is read, so a step
+  that is not logged costs a few list appends.
 - ``log_epoch(pl_module)``: called at ``on_train_epoch_end``; logs every aggregate as
   ``<name>_epoch`` (``clip/low_epoch``), summed (maxed) over ranks in one ``all_reduce`` each, so a
   2-rank run logs the same number as a 1-rank run on the same data; then resets. Aggregates with
@@ -126,9 +128,14 @@ class DiagnosticsCallback(L.Callback):
         self.sync_step = sync_step
         self.log_every_step = log_every_step
         # The epoch's aggregates: name -> [2] (sum of value x weight, sum of weight), name -> [] max.
-        # Plain tensors updated in place: a torchmetrics Metric per name cost ~0.1 ms per update.
+        # Steps only queue their values (``_pending``: no tensor op per step; each small op costs
+        # ~10-20 us on a CPU, and a step's diagnostics were dozens of them); the queue is folded in
+        # with a handful of ops whenever the aggregates are read, in the order it was queued.
         self._sums: dict[str, Tensor] = {}
         self._maxes: dict[str, Tensor] = {}
+        self._pending: list[tuple[str, object, object]] = []  # (name, value, weight), in order
+        self._pending_max: list[tuple[str, object]] = []
+        self._device = torch.device("cpu")  # the module's, where the aggregates live
 
     # ----- epoch aggregates -------------------------------------------------------------------
     @staticmethod
@@ -138,32 +145,53 @@ class DiagnosticsCallback(L.Callback):
         weights = torch.stack([_scalar(means[n][1], device) for n in names])  # [N]
         return torch.stack([values * weights, weights], dim=-1)
 
-    def _add_packed(self, names: list[str], packed: Tensor) -> None:
-        for name, row in zip(names, packed.unbind(0)):
-            total = self._sums.get(name)
-            if total is None or total.device != row.device:
-                self._sums[name] = row.clone()
-            else:
-                total.add_(row)
-
     def accumulate(self, pl_module, name: str, value: Tensor, weight: Tensor | float) -> None:
         """Add ``value`` with ``weight`` (tokens or sequences it averages over) to the epoch mean of ``name``."""
-        self._add_packed([name], self._pack({name: (value, weight)}, [name], pl_module.device))
+        self._device = pl_module.device
+        self._pending.append((name, value, weight))
 
     def accumulate_many(self, pl_module, means: Mapping[str, tuple[Tensor, Tensor | float]]) -> None:
-        """``accumulate`` for several names at once (packed once): ``means`` maps name -> (value, weight)."""
-        names = sorted(means)
-        if names:
-            self._add_packed(names, self._pack(means, names, pl_module.device))
+        """``accumulate`` for several names at once: ``means`` maps name -> (value, weight)."""
+        self._device = pl_module.device
+        self._pending.extend((name, v, w) for name, (v, w) in means.items())
 
     def accumulate_max(self, pl_module, name: str, value: Tensor) -> None:
-        value = _scalar(value, pl_module.device)
-        best = self._maxes.get(name)
-        self._maxes[name] = value.clone() if best is None or best.device != value.device else torch.maximum(best, value)
+        self._device = pl_module.device
+        self._pending_max.append((name, value))
+
+    def _fold_pending(self, device) -> None:
+        """Add the queued values to the aggregates, each name's in the order they were queued, one
+        after the other as if added step by step (a deterministic sum: no atomics, no tree)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            order = list(dict.fromkeys(name for name, _, _ in pending))
+            slot = {name: i for i, name in enumerate(order)}
+            seen = dict.fromkeys(order, 0)
+            turn = []  # how many earlier rows of the same name: the row's place in that name's sum
+            for name, _, _ in pending:
+                turn.append(seen[name])
+                seen[name] += 1
+            rows = self._pack({i: (v, w) for i, (_, v, w) in enumerate(pending)}, list(range(len(pending))), device)
+            steps = torch.zeros(max(turn) + 1, len(order), 2, device=device)  # [turns, names, 2], 0 where absent
+            steps[torch.tensor(turn, device=device), torch.tensor([slot[n] for n, _, _ in pending], device=device)] = rows
+            totals = [self._sums.get(name) for name in order]
+            base = torch.stack([t if t is not None and t.device == steps.device else steps.new_zeros(2) for t in totals])
+            for step in steps.unbind(0):  # adding a 0 row changes nothing: x + 0.0 == x
+                base = base + step
+            self._sums.update(zip(order, base.unbind(0)))
+        if self._pending_max:
+            pending, self._pending_max = self._pending_max, []
+            for name in dict.fromkeys(name for name, _ in pending):
+                values = [_scalar(v, device) for n, v in pending if n == name]
+                best = self._maxes.get(name)
+                if best is not None and best.device == values[0].device:
+                    values.insert(0, best)
+                self._maxes[name] = torch.stack(values).max()
 
     def compute_epoch(self) -> dict[str, float]:
         """Every aggregate of the epoch, summed (maxed) over ranks (collective: call on all ranks,
         with the same names on each), without the ones that saw no weight. Does not reset."""
+        self._fold_pending(self._device)
         out: dict[str, float] = {}
         names = sorted(self._sums)
         if names:
@@ -186,6 +214,8 @@ class DiagnosticsCallback(L.Callback):
     def reset_epoch(self) -> None:
         self._sums.clear()
         self._maxes.clear()
+        self._pending.clear()
+        self._pending_max.clear()
 
     def log_epoch(self, pl_module, suffix: str = EPOCH_SUFFIX) -> dict[str, float]:
         """Log every aggregate as ``<name><suffix>`` and reset; returns what was logged."""
@@ -237,15 +267,12 @@ class DiagnosticsCallback(L.Callback):
     def record_step(
         self, pl_module, means: Mapping[str, tuple[Tensor, Tensor]], maxes: Mapping[str, Tensor] | None = None
     ) -> dict[str, float]:
-        """A step's values into the epoch aggregates and the logs: ``accumulate`` /
-        ``accumulate_max`` for each, then ``log_step``, with the means packed once."""
-        names = sorted(means)
-        packed = self._pack(means, names, pl_module.device) if names else None
-        if packed is not None:
-            self._add_packed(names, packed)
+        """A step's values into the epoch aggregates and the logs: ``accumulate_many`` /
+        ``accumulate_max`` for each, then ``log_step`` (which does tensor work on logged steps only)."""
+        self.accumulate_many(pl_module, means)
         for name, value in (maxes or {}).items():
             self.accumulate_max(pl_module, name, value)
-        return self.log_step(pl_module, means, maxes, packed)
+        return self.log_step(pl_module, means, maxes)
 
     # ----- hooks ------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:

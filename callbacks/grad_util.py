@@ -46,6 +46,7 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
     def __init__(self, grad_norm: bool = True, sync_step: bool = True, log_every_step: bool = True) -> None:
         super().__init__(sync_step=sync_step, log_every_step=log_every_step)
         self.grad_norm = grad_norm
+        self._norms: list[torch.Tensor] = []  # this epoch's norms, folded into the aggregates when read
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         diag = step_diagnostics(outputs)
@@ -73,12 +74,26 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
         norm = shared() if callable(shared) else total_grad_norm(pl_module.parameters())
         if norm is None:
             return
-        finite = torch.isfinite(norm)
-        safe = torch.where(finite, norm, 0.0)
-        self.accumulate_many(pl_module, {"grad/norm": (safe, finite.float()),
-                                         "grad/nonfinite_frac": ((~finite).float(), 1.0)})
-        self.accumulate_max(pl_module, "grad/norm_max", safe)
+        self._device = pl_module.device
+        self._norms.append(norm)
         if self.log_every_step and step_is_logged(trainer):
             value = norm.item()  # identical on every rank (DDP all-reduced gradients, DTensor full_tensor)
             if math.isfinite(value):
                 write_metrics(trainer, {"grad/norm": value})
+
+    def _fold_pending(self, device) -> None:
+        """The epoch's norms into ``grad/norm`` (finite ones), ``grad/nonfinite_frac`` and
+        ``grad/norm_max``, with a few ops for the whole epoch, then the queued step values."""
+        if self._norms:
+            norms = torch.stack([n.detach().to(device=device, dtype=torch.float32).reshape(()) for n in self._norms])
+            self._norms = []
+            finite = torch.isfinite(norms)
+            safe = torch.where(finite, norms, 0.0)
+            for value, weight, nonfinite in zip(safe.unbind(0), finite.float().unbind(0), (~finite).float().unbind(0)):
+                self._pending += [("grad/norm", value, weight), ("grad/nonfinite_frac", nonfinite, 1.0)]
+            self._pending_max.append(("grad/norm_max", safe.max()))
+        super()._fold_pending(device)
+
+    def reset_epoch(self) -> None:
+        super().reset_epoch()
+        self._norms.clear()

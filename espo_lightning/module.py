@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from espo_lightning.errors import ConfigError
 from espo_lightning.grad_norm import clip_with_shared_norm, total_grad_norm
-from espo_lightning.log_writer import step_is_logged, write_metrics
+from espo_lightning.log_writer import show_reward, step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
 from espo_lightning.micro_batches import is_one_pass, plan_micro_batches
@@ -118,7 +118,7 @@ class PolicyModule(L.LightningModule):
         self.defer_grad_sync = defer_grad_sync
         self.export_dir = export_dir
         self.policy = None
-        self._grad_norm: tuple[torch.Tensor | None] | None = None  # this step's (norm,), see gradient_norm
+        self._grad_norm, self._trained = None, None  # this step's (norm,) (gradient_norm); configure_optimizers
         self.reference = None
         self.tokenizer = None
         # Loading is strict: the frozen reference, never saved, is skipped explicitly (a load hook
@@ -167,7 +167,8 @@ class PolicyModule(L.LightningModule):
         shard_models(self)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(p for p in self.policy.parameters() if p.requires_grad)
+        self._trained = [p for p in self.policy.parameters() if p.requires_grad]  # fixed from here on
+        optimizer = self.optimizer_factory(iter(self._trained))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
@@ -249,9 +250,7 @@ class PolicyModule(L.LightningModule):
                     group_ids=batch.group_ids)
         self._optimizer_step(stepped=bool(counts.tokens > 0))
         self._log_loss(loss_sum, metrics.get("kl/mean"))
-        rollout = getattr(self.trainer.datamodule, "last_rollout", None) if self._trainer else None
-        if rollout is not None and batch_idx == 0:
-            self.log("reward", rollout.reward_mean, prog_bar=True, logger=False, batch_size=1)
+        show_reward(self, batch_idx)
         return {"loss": loss_sum, "metrics": metrics, "batch": batch}
 
     def _log_loss(self, loss_sum: torch.Tensor, kl: torch.Tensor | None) -> None:
@@ -321,7 +320,8 @@ class PolicyModule(L.LightningModule):
         return self._grad_norm[0]
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.policy.parameters() if p.requires_grad]  # what the optimizer holds
+        """What the optimizer holds (listed once: walking the module tree twice a step cost ~0.3 ms)."""
+        return self._trained if self._trained is not None else [p for p in self.policy.parameters() if p.requires_grad]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # After the callbacks' hooks (they see the unclipped gradients, as under automatic optimization).

@@ -155,3 +155,16 @@ def test_filter_overlong_prompts_that_leaves_nothing_is_an_error(tiny_model_dir)
              max_prompt_length=2, filter_overlong_prompts=True)
     with pytest.raises(ValueError, match="data.train_data: every prompt is longer than data.max_prompt_length=2"):
         dm._rows()
+
+
+def test_text_prompts_are_encoded_in_one_call_as_one_by_one(chat_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    rows = AdditionSource(num_problems=6, seed=2).rows()
+    mixed = [r["prompt"] for r in rows[:3]] + [[{"role": "user", "content": rows[3]["prompt"][:-1]}]] + [rows[4]["prompt"]]
+    encoder = PromptEncoder(tok, max_prompt_length=4)
+    encoded = encoder.encode(mixed)
+    full = [encoder.full_ids(p) for p in mixed]
+    assert encoded.ids == [x[-4:] for x in full] and encoded.truncated == [len(x) > 4 for x in full]
+    assert encoded.ids[0] == tok.encode(mixed[0], add_special_tokens=True)[-4:]

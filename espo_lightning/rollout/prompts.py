@@ -50,7 +50,13 @@ class PromptEncoder:
         return list(ids)
 
     def encode(self, prompts: list) -> EncodedPrompts:
-        full = [self.full_ids(p) for p in prompts]
+        full: list = [None] * len(prompts)
+        plain = [i for i, p in enumerate(prompts) if not (self.use_chat_template or is_conversational(p))]
+        if plain:  # one call into the tokenizer for all text prompts (per prompt: ~70 us each on a CPU)
+            ids = self.tokenizer([str(prompts[i]) for i in plain], add_special_tokens=True)["input_ids"]
+            for i, row in zip(plain, ids):
+                full[i] = list(row)
+        full = [x if x is not None else self.full_ids(p) for x, p in zip(full, prompts)]
         return EncodedPrompts(ids=[x[-self.max_prompt_length:] for x in full],
                               truncated=[len(x) > self.max_prompt_length for x in full])
 

@@ -98,6 +98,9 @@ def entropy_group_indices(diagnostics: Mapping[str, Tensor]) -> list[int]:
 
 
 def _scalar(x, device) -> Tensor:
+    if isinstance(x, Tensor) and x.dtype == torch.float32 and x.dim() == 0 and x.device == device \
+            and not x.requires_grad:  # the loss's metrics already are: no op (the fold packs dozens)
+        return x
     return torch.as_tensor(x).detach().to(device=device, dtype=torch.float32).reshape(())
 
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from callbacks.base import DiagnosticsCallback, step_batch, step_diagnostics, step_is_logged, write_metrics
+from callbacks.base import DiagnosticsCallback, _scalar, step_batch, step_diagnostics, step_is_logged, write_metrics
 from espo_lightning.grad_norm import total_grad_norm  # noqa: F401 (re-exported: custom callbacks use it)
 
 
@@ -85,7 +85,7 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
         """The epoch's norms into ``grad/norm`` (finite ones), ``grad/nonfinite_frac`` and
         ``grad/norm_max``, with a few ops for the whole epoch, then the queued step values."""
         if self._norms:
-            norms = torch.stack([n.detach().to(device=device, dtype=torch.float32).reshape(()) for n in self._norms])
+            norms = torch.stack([_scalar(n, device) for n in self._norms])
             self._norms = []
             finite = torch.isfinite(norms)
             safe = torch.where(finite, norms, 0.0)

@@ -252,32 +252,81 @@ def test_dynamic_sampling_refills_rounds_and_keeps_the_rollout_full(tiny_model_d
     assert fresh.walk.epoch_start(1) == 16
 
 
-def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir):
-    """With n > 1 the engine prefills every prompt once and repeats its KV cache for the n samples
-    (instead of n identical prefills): the model sees P prompt rows once, not P * n; the samples are
-    those ``generate`` with ``num_return_sequences`` draws from the same seed (the same distribution;
-    bit-equal logits give the same tokens, so only a rounding difference can change a row)."""
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir, temperature, top_p):
+    """With n > 1 the engine prefills every whole prompt once, draws its n samples' first tokens
+    from that pass and lets ``generate`` continue on the repeated KV cache: the model sees P prompt
+    rows once, then the P * n samples from their second token. The samples and their log-probs are
+    those of ``generate`` with ``num_return_sequences`` from the same seed: same processors, same
+    draws from the random stream (bit-equal scores give the same tokens; the prefill's shapes
+    differ from generate's, so only a rounding difference could change a row)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     prompts = [tok.encode(p) for p in ("7+5=", "12+34=", "99+1=", "3+3=")]  # left padding of 0..2
-    engine = HFEngine(batch_size=4)
+    engine = HFEngine(batch_size=4, return_logprobs=True)
     engine.setup(policy, tok)
     rows_seen = []
     hook = policy.model.embed_tokens.register_forward_hook(lambda m, a, out: rows_seen.append(tuple(a[0].shape)))
-    sampling = Sampling(n=8, temperature=1.0, top_p=1.0, max_new_tokens=3, seed=11)
+    sampling = Sampling(n=8, temperature=temperature, top_p=top_p, max_new_tokens=3, seed=11)
     shared = engine.generate(prompts, sampling, policy)
     hook.remove()
     width = max(len(p) for p in prompts)
-    assert rows_seen[0] == (4, width - 1), rows_seen  # one prefill of each prompt but its last token
-    assert all(rows == 32 for rows, _ in rows_seen[1:]), rows_seen  # then the 32 samples, a token at a time
+    assert rows_seen[0] == (4, width), rows_seen  # one prefill of each whole prompt
+    assert rows_seen[1:] == [(32, 1)] * 2, rows_seen  # tokens 2 and 3 of the 32 samples, one at a time
 
-    config = engine._generation_config(sampling, n=8)
+    config = engine._generation_config(sampling, n=8, max_new_tokens=3)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(11)
-        plain = policy.eval().generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
-                                       generation_config=config).sequences[:, width:].tolist()
-    same = sum(list(s) == p[: len(s)] for s, p in zip(shared.token_ids, plain))
-    assert len(shared.token_ids) == 32 and same >= 29, (same, shared.token_ids, plain)
+        out = policy.eval().generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
+                                     generation_config=config)
+    plain = out.sequences[:, width:]
+    plain_logps = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, plain.unsqueeze(-1)).squeeze(-1)
+    same = [list(s) == p[: len(s)] for s, p in zip(shared.token_ids, plain.tolist())]
+    assert len(shared.token_ids) == 32 and sum(same) >= 31, (same, shared.token_ids, plain)
+    for row, ours in enumerate(shared.logprobs):
+        if same[row]:
+            torch.testing.assert_close(torch.tensor(ours), plain_logps[row, : len(ours)], atol=1e-5, rtol=0)
+
+
+def test_hf_engine_first_token_that_stops_ends_the_sample(tiny_model_dir):
+    """A sample whose first token (drawn from the prefill, outside ``generate``) is a stop token
+    ends there: ``generate`` marks it finished rather than running it on, and when every sample of
+    the call stops at once ``generate`` is not called at all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine = HFEngine(batch_size=2)
+    engine.setup(policy, tok)
+    eos = engine.stop_ids[0]
+    prompts = [tok.encode("7+5="), tok.encode("12+34=")]
+    bias = torch.zeros(policy.config.vocab_size)
+    bias[eos] = 100.0  # the prefill's last position: EOS all but surely
+    calls = []
+
+    def first_call_says_eos(module, args, out):
+        calls.append(tuple(out.shape))
+        return out + bias if len(calls) == 1 else out
+
+    hook = policy.lm_head.register_forward_hook(first_call_says_eos)
+    gen = engine.generate(prompts, Sampling(n=4, max_new_tokens=5, seed=0), policy)
+    hook.remove()
+    assert gen.token_ids == [[eos]] * 8 and gen.truncated == [False] * 8
+    assert len(calls) == 1  # the prefill only: generate was not called
+
+    # Prompt 0's samples stop at their first token, prompt 1's at their second. generate must
+    # count the first group as finished: run on, they would draw digits to max_new_tokens.
+    digit = tok.convert_tokens_to_ids("7")
+    first, later = torch.zeros(2, 1, bias.numel()), torch.zeros(8, 1, bias.numel())
+    first[0, 0, eos], first[1, 0, digit] = 100.0, 100.0
+    later[:4, 0, digit], later[4:, 0, eos] = 100.0, 100.0
+    calls.clear()
+    hook = policy.lm_head.register_forward_hook(
+        lambda m, a, out: (calls.append(tuple(out.shape)), out + (first if len(calls) == 1 else later))[1])
+    gen = engine.generate(prompts, Sampling(n=4, max_new_tokens=5, seed=0), policy)
+    hook.remove()
+    assert gen.token_ids == [[eos]] * 4 + [[digit, eos]] * 4
+    assert calls[:2] == [(2, 1, bias.numel()), (8, 1, bias.numel())] and len(calls) <= 3, calls

@@ -4,7 +4,10 @@ policy module itself, so its weights are always current and ``sync_weights`` has
 It samples from exactly the distribution the trainer scores (softmax of logits / temperature, then
 top-p): the ``GenerationConfig`` is built from ``Sampling`` alone, and the checkpoint's own
 ``generation_config.json`` (a repetition penalty, n-gram blocking, top-k, min-p, ...) is kept out of
-the call, since ``generate`` would otherwise fill every setting left at its default from it."""
+the call, since ``generate`` would otherwise fill every setting left at its default from it.
+
+With n > 1 samples per prompt, each prompt is prefilled once and its samples' first tokens are drawn
+from that pass (``hf_prefill``); ``generate`` continues on the repeated KV cache."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -13,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
+from espo_lightning.rollout.engines.hf_prefill import SharedPrefill, first_token, stopped_before
 
 
 class HFEngine(RolloutEngine):
@@ -65,23 +69,24 @@ class HFEngine(RolloutEngine):
             input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p):] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        kwargs = {}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            kwargs["synced_gpus"] = True  # sharded weights: every rank must run the same number of steps
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        kwargs = {"synced_gpus": True} if synced else {}  # sharded weights: every rank runs the same steps
         n = sampling.n
-        cache = _shared_prompt_cache(policy, input_ids, attention, n) if n > 1 and width > 1 else None
-        if cache is not None:  # each prompt's n samples continue from one prefill of it
-            input_ids, attention = input_ids.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)
-            kwargs["past_key_values"] = cache
-        config = self._generation_config(sampling, n=1 if cache is not None else n)
+        prefill = SharedPrefill.of(policy, input_ids, attention, n) if n > 1 else None
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), _without_checkpoint_defaults(policy):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = policy.generate(input_ids=input_ids, attention_mask=attention, generation_config=config, **kwargs)
-        new = out.sequences[:, width:].cpu()  # [N, new_tokens]
+            if prefill is None:
+                out = policy.generate(input_ids=input_ids, attention_mask=attention,
+                                      generation_config=self._generation_config(sampling, n, sampling.max_new_tokens),
+                                      **kwargs)
+                sequences, scores = out.sequences, out.scores
+            else:
+                sequences, scores = self._continue(prefill, input_ids, attention, sampling, policy, synced, kwargs)
+        new = sequences[:, width:].cpu()  # [N, new_tokens]
         step_logps = None
         if self.return_logprobs:
-            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [N, new, V]
+            scores = torch.stack(scores, dim=1).float().log_softmax(-1)  # [N, new, V]
             step_logps = scores.gather(-1, new.to(scores.device).unsqueeze(-1)).squeeze(-1).cpu()
         token_ids, truncated, logprobs = [], [], []
         stops = set(self.stop_ids)
@@ -98,40 +103,38 @@ class HFEngine(RolloutEngine):
                 logprobs.append(step_logps[i, :n].tolist())
         return Generation(token_ids, truncated, logprobs)
 
-    def _generation_config(self, sampling: Sampling, n: int):
+    def _continue(self, prefill: SharedPrefill, input_ids, attention, sampling: Sampling, policy, synced: bool,
+                  kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Each prompt's n samples from one prefill of it: the first token is drawn from the
+        prefill's last logits (``hf_prefill.first_token``, as ``generate``'s first step draws it),
+        ``generate`` samples the rest on the repeated KV cache. Returns the sequences ``[N, width +
+        new]`` and the processed scores of each step (what ``output_scores`` gives)."""
+        n = sampling.n
+        first, first_scores = first_token(prefill.logits, sampling, n)
+        input_ids = torch.cat([input_ids.repeat_interleave(n, 0), first[:, None]], dim=1)
+        attention = torch.cat([attention.repeat_interleave(n, 0), torch.ones_like(first)[:, None]], dim=1)
+        stopped = torch.isin(first, torch.tensor(self.stop_ids, dtype=torch.long, device=first.device))
+        # Under synced_gpus every rank must call generate, whatever its own rows did.
+        if sampling.max_new_tokens == 1 or (not synced and bool(stopped.all())):
+            return input_ids, (first_scores,)
+        out = policy.generate(input_ids=input_ids, attention_mask=attention, past_key_values=prefill.cache,
+                              generation_config=self._generation_config(sampling, 1, sampling.max_new_tokens - 1),
+                              stopping_criteria=stopped_before(stopped), **kwargs)
+        return out.sequences, (first_scores,) + tuple(out.scores or ())
+
+    def _generation_config(self, sampling: Sampling, n: int, max_new_tokens: int):
         """Everything ``generate`` does, from ``sampling`` alone: plain (or greedy) sampling at the
         temperature and top-p the trainer scores with, stopping on every stop id; ``n`` sequences
-        per input row."""
+        per input row, ``max_new_tokens`` new tokens at most."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
         mode = (dict(do_sample=False) if sampling.greedy else
                 dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0))
         return GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+            max_new_tokens=max_new_tokens, num_return_sequences=n,
             pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids or tok.eos_token_id,
             return_dict_in_generate=True, output_scores=self.return_logprobs, **mode)
-
-
-def _shared_prompt_cache(policy, input_ids, attention, n: int):
-    """The KV cache of every prompt token but the last, computed once per prompt and repeated for
-    its ``n`` samples (None where the model's cache cannot be repeated).
-
-    ``num_return_sequences`` would copy each prompt n times first and prefill every copy: with
-    G = 8 that is 8 identical prefills per prompt, most of the work of short completions and all of
-    the prompt's share of long ones. The last prompt token is left to ``generate``, which needs an
-    uncached token to start from; positions skip left padding, as ``generate`` computes them. Only
-    the last position's logits are kept: the prefill's own are never read, and at V = 151,936 all of
-    them would be [P, prompt length, V]."""
-    from espo_lightning.scoring import position_ids
-
-    out = policy(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
-                 position_ids=position_ids(attention[:, :-1]), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(n)
-    return cache
 
 
 @contextmanager

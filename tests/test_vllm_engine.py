@@ -162,13 +162,13 @@ def test_cpu_build_rejects_unsupported_head_size():
     from transformers import Qwen2Config
     from vllm.platforms import current_platform
 
-    from espo_lightning.rollout.engines.vllm import _check_cpu_head_size
+    from espo_lightning.rollout.engines.vllm_start import check_cpu_head_size
 
     if not current_platform.is_cpu():
         pytest.skip("head-size limits are those of the CPU build")
     with pytest.raises(ConfigError, match="head sizes"):
-        _check_cpu_head_size(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4))
-    _check_cpu_head_size(Qwen2Config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4))
+        check_cpu_head_size(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4))
+    check_cpu_head_size(Qwen2Config(hidden_size=128, num_attention_heads=4, num_key_value_heads=4))
 
 
 @pytest.mark.vllm

@@ -4,7 +4,7 @@ log-probs and entropies, and serves the result as minibatches for ``ppo_epochs``
 
 It is plumbing; the parts live beside it: ``prompts`` (encoding, chat template, what reward
 functions receive), ``sampling`` (rounds of dynamic sampling), ``rewarding`` (reward functions,
-worker pool), ``walk`` (which prompts), ``loaders``, ``resume`` (a rollout
+worker pool), ``walk`` (which prompts), ``minibatching``, ``loaders``, ``resume`` (a rollout
 in a checkpoint), ``tensors`` (packing), ``mismatch`` (engine correction). Validation lives in ``espo_lightning.evaluation`` (its sets,
 metrics and files); the DataModule only hands Lightning its steps.
 
@@ -13,7 +13,6 @@ no communication; every rank serves the same number of minibatches so collective
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Callable
 
@@ -25,8 +24,7 @@ from espo_lightning.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
 from espo_lightning.evaluation import EvalSet, Evaluator, resolve_sets
-from espo_lightning.old_policy import only_deferred_marked
-from espo_lightning.rollout import resume
+from espo_lightning.rollout import minibatching, resume
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
 from espo_lightning.rollout.engines.hf import HFEngine
@@ -365,21 +363,14 @@ class RolloutDataModule(L.LightningDataModule):
     def num_minibatches(self, rollout_size: int | None = None) -> int:
         """Optimizer steps per pass: fixed by the configured sizes, the same on every rank."""
         _, world = self._world()
-        per_rank = (self.prompts_per_rollout // world) * self.num_generations
-        return 1 if self.minibatch_size is None else max(1, math.ceil(per_rank / self.minibatch_size))
+        return minibatching.count((self.prompts_per_rollout // world) * self.num_generations, self.minibatch_size)
 
     def minibatch_indices(self, rows: int, epoch: int) -> list[list[torch.Tensor]]:
-        """Row indices of every minibatch, per pass (``ppo_epochs`` lists): a seeded shuffle per
-        pass. The rollout's scoring reads the first pass's, so it must be a pure function of
-        (rows, epoch)."""
-        gen = torch.Generator().manual_seed(self.seed * 31 + epoch)
-        n = self.num_minibatches()
-        return [list(torch.tensor_split(torch.randperm(rows, generator=gen), n)) for _ in range(self.ppo_epochs)]
+        """Row indices of every minibatch, per pass (``minibatching.indices``)."""
+        return minibatching.indices(rows, self.num_minibatches(), self.ppo_epochs, self.seed, epoch)
 
     def minibatches(self, batch: RolloutBatch, epoch: int) -> list[RolloutBatch]:
-        device = batch.input_ids.device
-        return only_deferred_marked([batch.select(idx.to(device)).trimmed()
-                                     for one_pass in self.minibatch_indices(len(batch), epoch) for idx in one_pass])
+        return minibatching.serve(batch, self.minibatch_indices(len(batch), epoch))
 
     # ----- validation (espo_lightning.evaluation) ----------------------------------------------
     def val_dataloader(self) -> DataLoader | list:

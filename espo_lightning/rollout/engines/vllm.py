@@ -40,6 +40,7 @@ import torch.distributed as dist
 from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
 from espo_lightning.rollout.engines.vllm_logs import quiet_reload_logs
+from espo_lightning.rollout.engines.vllm_start import RNGState, check_cpu_head_size, export_launcher_env, tp_subgroup
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class VLLMEngine(RolloutEngine):
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_space_gib))
-            _check_cpu_head_size(policy.config)
+            check_cpu_head_size(policy.config)
         self._sleep = self.enable_sleep_mode and not on_cpu
         if self.enable_sleep_mode and on_cpu:
             log.warning("VLLMEngine: enable_sleep_mode has no effect on the CPU build; ignoring it")
@@ -171,14 +172,14 @@ class VLLMEngine(RolloutEngine):
             # Join the trainer's process group: each rank drives one worker of its group's engine.
             kwargs["distributed_executor_backend"] = "external_launcher"
             kwargs["seed"] = self.seed + dist.get_rank() // tp  # identical within a tensor-parallel group
-            self._tp_group = _tp_subgroup(tp) if tp > 1 else None
-            _export_launcher_env()
+            self._tp_group = tp_subgroup(tp) if tp > 1 else None
+            export_launcher_env()
         elif tp > 1:
             raise ConfigError("VLLMEngine: tensor_parallel_size > 1 needs one trainer rank per GPU "
                               f"({tp} or a multiple), so that each rank hosts one engine worker")
 
         start = time.perf_counter()
-        rng = _RNGState()  # vLLM reseeds the global generators; the trainer's streams stay untouched
+        rng = RNGState()  # vLLM reseeds the global generators; the trainer's streams stay untouched
         try:
             self.llm = vllm.LLM(**kwargs)
         finally:
@@ -352,52 +353,6 @@ def _sampled_logprobs(sample) -> list[float]:
     if flat is not None and len(flat) == len(sample.token_ids):  # FlatLogprobs, one entry per position
         return list(flat)
     return [position[token].logprob for position, token in zip(lps, sample.token_ids)]
-
-
-def _check_cpu_head_size(config) -> None:
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
-    supported = CPUAttentionBackend.get_supported_head_sizes()
-    if head_dim is not None and head_dim not in supported:
-        raise ConfigError(f"VLLMEngine: the CPU build of vLLM supports attention head sizes {supported}; this model "
-                          f"has {head_dim} (hidden_size / num_attention_heads). Use HFEngine for it.")
-
-
-def _tp_subgroup(tp: int):
-    """This rank's tensor-parallel subgroup (consecutive ranks); every rank must create all groups."""
-    world = dist.get_world_size()
-    group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + tp)) for s in range(0, world, tp)])
-    return group
-
-
-def _export_launcher_env() -> None:
-    """vLLM's external launcher reads the torchrun variables; Lightning's own launcher may not set them."""
-    os.environ.setdefault("RANK", str(dist.get_rank()))
-    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
-
-
-class _RNGState:
-    def __init__(self):
-        import random
-
-        import numpy as np
-
-        self.py, self.np, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore(self) -> None:
-        import random
-
-        import numpy as np
-
-        random.setstate(self.py)
-        np.random.set_state(self.np)
-        torch.set_rng_state(self.torch)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:

@@ -1,0 +1,59 @@
+"""Starting the colocated vLLM engine: the checks and process set-up ``VLLMEngine.setup`` needs
+around constructing ``vllm.LLM`` (its CPU build's head sizes, tensor-parallel subgroups, the
+launcher's environment, and the trainer's random streams, which vLLM's construction reseeds)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from espo_lightning.errors import ConfigError
+
+
+def check_cpu_head_size(config) -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise ConfigError(f"VLLMEngine: the CPU build of vLLM supports attention head sizes {supported}; this model "
+                          f"has {head_dim} (hidden_size / num_attention_heads). Use HFEngine for it.")
+
+
+def tp_subgroup(tp: int):
+    """This rank's tensor-parallel subgroup (consecutive ranks); every rank must create all groups."""
+    world = dist.get_world_size()
+    group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + tp)) for s in range(0, world, tp)])
+    return group
+
+
+def export_launcher_env() -> None:
+    """vLLM's external launcher reads the torchrun variables; Lightning's own launcher may not set them."""
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
+
+
+class RNGState:
+    """The Python, NumPy and torch random states, put back after vLLM's construction reseeds them."""
+
+    def __init__(self):
+        import random
+
+        import numpy as np
+
+        self.py, self.np, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        import random
+
+        import numpy as np
+
+        random.setstate(self.py)
+        np.random.set_state(self.np)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

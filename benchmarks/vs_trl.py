@@ -88,7 +88,9 @@ def run_trl(args, spec: dict, out: Path) -> dict:
     reward_fn = getattr(rewards, REWARDS[spec["task"]])
     folder = str(ROOT / spec["folder"])
     config = GRPOConfig(
-        output_dir=str(out), use_cpu=True, report_to="none", seed=0,
+        # TensorBoard on both sides: this project writes its metrics to an event file every generation
+        # (log_every_n_steps 4), TRL the same at logging_steps 4
+        output_dir=str(out), use_cpu=True, report_to="tensorboard", seed=0,
         save_strategy="steps" if args.checkpoints else "no", save_steps=PROMPTS * G // MINIBATCH,
         max_steps=args.steps, per_device_train_batch_size=MINIBATCH, num_generations=G,
         steps_per_generation=PROMPTS * G // MINIBATCH, max_completion_length=spec["new"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from espo_lightning.micro_batches import is_one_pass
 from espo_lightning.rollout.batch import RolloutBatch
 
 
@@ -39,7 +40,9 @@ def score_rollout(module, batch: RolloutBatch, minibatches: list[torch.Tensor] |
             rows = rows.to(batch.input_ids.device)
             minibatch = batch.select(rows).trimmed()
             for micro_rows in module.micro_batches(minibatch):
-                micro = minibatch.select(micro_rows.to(rows.device)).trimmed()
+                # one micro-batch of every row in order (no limits) is the trimmed minibatch itself
+                whole = is_one_pass([(micro_rows, False)], len(minibatch))
+                micro = minibatch if whole else minibatch.select(micro_rows.to(rows.device)).trimmed()
                 target, width = rows[micro_rows.to(rows.device)], micro.completion_mask.shape[1]
                 if score_policy:
                     lp, ent = module.scorer.logprobs_and_entropy(module.policy, micro)

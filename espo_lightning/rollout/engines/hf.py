@@ -75,7 +75,7 @@ class HFEngine(RolloutEngine):
         prefill = SharedPrefill.of(policy, input_ids, attention, n) if n > 1 else None
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), _without_checkpoint_defaults(policy):
             if seed is not None:
-                torch.manual_seed(seed)
+                _seed(seed, device)
             if prefill is None:
                 out = policy.generate(input_ids=input_ids, attention_mask=attention,
                                       generation_config=self._generation_config(sampling, n, sampling.max_new_tokens),
@@ -135,6 +135,17 @@ class HFEngine(RolloutEngine):
             max_new_tokens=max_new_tokens, num_return_sequences=n,
             pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids or tok.eos_token_id,
             return_dict_in_generate=True, output_scores=self.return_logprobs, **mode)
+
+
+def _seed(seed: int, device: torch.device) -> None:
+    """Seed the generator ``generate`` samples from: the CPU's for a policy on the CPU (the stream
+    ``torch.manual_seed`` would set). Not ``torch.manual_seed`` there: it also queues a seed for
+    every backend that is not initialised (CUDA, XPU, MTIA), each with a formatted stack trace, about
+    1 ms per rollout deep in the training loop, and fork_rng restores only the CPU's state."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 @contextmanager

@@ -51,10 +51,13 @@ def plan_micro_batches(prompt_lengths: Tensor, completion_lengths: Tensor, micro
     return [torch.tensor(p, dtype=torch.long) for p in plans]
 
 
+def is_every_row(index: Tensor, rows: int) -> bool:
+    """Whether the row indices ``index`` are all ``rows`` rows in their own order, as
+    ``plan_micro_batches`` gives a micro-batch without limits."""
+    return index.device.type == "cpu" and torch.equal(index, torch.arange(rows))
+
+
 def is_one_pass(plan: list[tuple[Tensor, bool]], rows: int) -> bool:
     """Whether ``plan`` (``(row indices, padding)`` per pass) is a single real pass over all ``rows``
-    in their own order, as ``plan_micro_batches`` gives without limits."""
-    if len(plan) != 1 or plan[0][1]:
-        return False
-    index = plan[0][0]
-    return index.device.type == "cpu" and torch.equal(index, torch.arange(rows))
+    in their own order."""
+    return len(plan) == 1 and not plan[0][1] and is_every_row(plan[0][0], rows)

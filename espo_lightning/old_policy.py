@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from espo_lightning.micro_batches import is_one_pass
+from espo_lightning.micro_batches import is_every_row
 from espo_lightning.rollout.batch import RolloutBatch
 
 
@@ -41,8 +41,8 @@ def score_rollout(module, batch: RolloutBatch, minibatches: list[torch.Tensor] |
             minibatch = batch.select(rows).trimmed()
             for micro_rows in module.micro_batches(minibatch):
                 # one micro-batch of every row in order (no limits) is the trimmed minibatch itself
-                whole = is_one_pass([(micro_rows, False)], len(minibatch))
-                micro = minibatch if whole else minibatch.select(micro_rows.to(rows.device)).trimmed()
+                micro = (minibatch if is_every_row(micro_rows, len(minibatch))
+                         else minibatch.select(micro_rows.to(rows.device)).trimmed())
                 target, width = rows[micro_rows.to(rows.device)], micro.completion_mask.shape[1]
                 if score_policy:
                     lp, ent = module.scorer.logprobs_and_entropy(module.policy, micro)

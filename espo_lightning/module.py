@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from espo_lightning.checkpoint_keys import check_keys, drop_reference, skip_reference
 from espo_lightning.cpu_heap import retain_freed_heap
 from espo_lightning.errors import ConfigError
 from espo_lightning.grad_norm import clip_with_shared_norm, total_grad_norm
@@ -130,7 +131,7 @@ class PolicyModule(L.LightningModule):
         # Loading is strict: the frozen reference, never saved, is skipped explicitly (a load hook
         # takes its keys off the missing list), so any other missing or unexpected key is an error.
         self.strict_loading = True
-        self.register_load_state_dict_post_hook(_skip_reference)
+        self.register_load_state_dict_post_hook(skip_reference)
         check_optimizer(optimizer)
 
     # ----- models -----------------------------------------------------------------------------
@@ -368,28 +369,10 @@ class PolicyModule(L.LightningModule):
 
     # ----- checkpoints and export -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The frozen KL reference is left out: it is reloaded from ``model_name_or_path``."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
+        drop_reference(checkpoint)  # reloaded from model_name_or_path, never saved
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Fail naming any key the checkpoint lacks or has extra, other than the frozen reference's
-        (left out on save; ``_skip_reference`` lets strict loading pass over it and the freshly
-        loaded reference stands). Sharded (FSDP2) checkpoints load straight into the sharded model,
-        strictly, before this hook: a mismatch there raises torch's error listing the keys."""
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        expected = self.state_dict()
-        missing = [k for k in expected if k not in state and not k.startswith("reference.")]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-            parts = [f"{len(found)} {what} key(s) ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
-                     for what, found in (("missing", missing), ("unexpected", unexpected)) if found]
-            raise ConfigError(f"{where} does not match model.model_name_or_path={self.model_name_or_path}: "
-                              f"{' and '.join(parts)}; resume with the model the run was trained from")
+        check_keys(self, checkpoint)  # fails naming keys missing or extra (checkpoint_keys.py)
 
     def on_fit_end(self) -> None:
         if self.export_dir:
@@ -400,9 +383,3 @@ class PolicyModule(L.LightningModule):
                 target = Path(self.trainer.log_dir) / target
             export_policy(self, str(target))
 
-
-def _skip_reference(module, incompatible_keys) -> None:
-    """The frozen reference is not in checkpoints (it is reloaded from the model path): its keys are
-    not missing."""
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith("reference.")]

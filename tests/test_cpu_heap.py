@@ -19,8 +19,11 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="mallopt thresholds are glibc's")
 
 _CYCLES = r"""
-import json, resource, torch
+import ctypes, json, resource, torch
 from espo_lightning.cpu_heap import retain_freed_heap
+
+# count 4 KiB pages wherever the kernel would back the heap with 2 MiB ones (THP "always")
+ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
 
 def faults_per_cycle(cycles=5):
     def cycle():
@@ -44,9 +47,10 @@ def test_freed_blocks_are_reused_without_page_faults():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["applied"] is True
     pages = 48 * 2**20 // 4096  # 12,288 pages of 4 KiB
-    # glibc's defaults give much of the 48 MiB back after every cycle and fault it in again
-    # (4,900 to 7,000 faults per cycle measured)...
-    assert result["default"] > pages / 4, result
+    # glibc's defaults give part of the 48 MiB back after every cycle and fault it in again: 2,661,
+    # 4,907 or 5,112 faults per cycle over 50 fresh processes on the CI machine, by where address
+    # randomisation puts the heap (the lowest in one process of four)...
+    assert result["default"] > pages / 8, result
     # ...the thresholds keep it: what is left is the interpreter's own small allocations
     assert result["retained"] < pages / 20, result
 

@@ -72,17 +72,27 @@ def test_old_logprobs_match_the_engine_that_sampled(tiny_model_dir):
 
 
 def test_minibatches_cover_each_rollout_once_per_ppo_epoch(tiny_model_dir):
+    """Each row is tagged with its index (in ``rewards``): every pass of ``ppo_epochs: 2`` serves
+    each tag exactly once, and each served row carries that row's tokens, masks and statistics."""
     module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4, minibatch_size=6, ppo_epochs=2)
     batch, _ = dm.rollout(epoch=0)
+    batch.rewards = torch.arange(len(batch), dtype=torch.float32)  # identity tags
     mbs = dm.minibatches(batch, epoch=0)
     assert len(mbs) == 2 * 3 and all(isinstance(m, RolloutBatch) for m in mbs)
-    first_pass = torch.cat([m.rewards for m in mbs[:3]])
-    assert sorted(first_pass.nan_to_num(-1).tolist()) == sorted(batch.rewards.nan_to_num(-1).tolist())
+    assert [len(m) for m in mbs] == [6, 5, 5] * 2
+    for one_pass in (mbs[:3], mbs[3:]):
+        assert sorted(torch.cat([m.rewards for m in one_pass]).long().tolist()) == list(range(16))
+    for m in mbs:
+        for j, i in enumerate(m.rewards.long().tolist()):
+            assert torch.equal(m.input_ids[j][m.attention_mask[j].bool()], batch.input_ids[i][batch.attention_mask[i].bool()])
+            assert torch.equal(m.old_logprobs[j][m.completion_mask[j]], batch.old_logprobs[i][batch.completion_mask[i]])
+            assert torch.equal(m.advantages[j], batch.advantages[i])
+    assert [m.rewards.tolist() for m in mbs[:3]] != [m.rewards.tolist() for m in mbs[3:]], "each pass is reshuffled"
 
 
-def test_dynamic_sampling_and_truncation_masking(tiny_model_dir):
+def test_dynamic_sampling_keeps_zero_variance_filler_without_weight(tiny_model_dir):
     module, dm = _setup(tiny_model_dir, prompts_per_rollout=4, num_generations=4, minibatch_size=4,
-                        drop_zero_std_groups=True, mask_truncated=True, max_sampling_rounds=3)
+                        drop_zero_std_groups=True, max_sampling_rounds=3)
     dm.max_new_tokens = 1  # one token cannot be a sum: every reward is 0
     batch, stats = dm.rollout(epoch=0)
     # every group of every round is zero-variance: 3 rounds of 4 groups, none trained with weight
@@ -92,6 +102,31 @@ def test_dynamic_sampling_and_truncation_masking(tiny_model_dir):
     assert len(batch) == 16 and not batch.completion_mask.any()
     assert [len(m) for m in dm.minibatches(batch, 0)] == [4, 4, 4, 4]
     assert dm.walk.next_start == 12  # the next epoch starts after the 3 rounds' prompts
+
+
+def _alternating(prompts, completions, **kw):
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def test_mask_truncated_masks_exactly_the_completions_cut_at_the_budget(tiny_model_dir):
+    """Every group has reward variance (rewards 0, 1, 0, 1), so every row has a non-zero advantage
+    and masking is the only thing that keeps a truncated row out of the loss. Truncation is read
+    off the tokens here: a completion of ``max_new_tokens`` tokens whose last one is no stop id."""
+    module, dm = _setup(tiny_model_dir, prompts_per_rollout=8, num_generations=4, reward_funcs=[_alternating],
+                        mask_truncated=True)
+    dm.max_new_tokens = 3
+    batch, stats = dm.rollout(epoch=0)
+    assert batch.advantages.ne(0).all()
+    stops = set(dm.engine.stop_ids)
+    P = batch.prompt_length
+    completions = [row[P:][mask[P:].bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask)]
+    truncated = torch.tensor([len(c) == 3 and c[-1] not in stops for c in completions])
+    assert truncated.any() and not truncated.all(), completions
+    groups = truncated.view(8, 4)
+    assert (groups.any(1) & (~groups).any(1)).any(), "no group mixes truncated and finished completions"
+    assert not batch.completion_mask[truncated].any()
+    assert torch.equal(batch.completion_mask[~truncated], batch.attention_mask[~truncated, P:].bool())
+    assert torch.equal(stats.truncated.bool(), truncated)
 
 
 def test_greedy_sampling_is_deterministic(tiny_model_dir):

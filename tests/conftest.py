@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny embedded addition model built once per test session (real transformers
-model, real tokenizer, saved with save_pretrained), and the path of the real GSM8K file."""
+model, real tokenizer, saved with save_pretrained), and the path of the real GSM8K test split
+shipped in tests/data (MIT licence, see tests/data/README.md)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
+GSM8K = REPO / "tests" / "data" / "gsm8k_test.jsonl"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,6 +26,5 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def gsm8k_path() -> Path:
-    if not GSM8K.exists():
-        pytest.skip(f"real GSM8K data not found at {GSM8K}")
+    assert GSM8K.exists(), f"the real GSM8K test split ships with the tests: {GSM8K} is missing"
     return GSM8K

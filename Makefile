@@ -58,7 +58,7 @@ bench-vllm: setup-vllm-cpu
 # The one-GPU check (README, "Checking a GPU"): a Qwen3-1.7B-shaped random model, 2 rollouts, a
 # table whose must lines make it exit 1 when they fail. Needs one CUDA device; `--tiny` (in make
 # test) is the same on the CPU. On a machine that cannot install, run the script with any Python
-# that has torch, lightning and transformers: python benchmarks/gpu_check.py
+# that has this package installed (no vLLM needed): python benchmarks/gpu_check.py
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
 

@@ -5,30 +5,31 @@ the diagnostics callbacks) under ``bf16-mixed`` with the fused LM head, then a t
     python benchmarks/gpu_check.py            # one CUDA device (make gpu-check)
     python benchmarks/gpu_check.py --tiny     # the same on the CPU in seconds (part of make test)
 
-Needs only torch, lightning, transformers (and this package): no vLLM, no model hub. The model is
-built in memory from ``transformers.Qwen3Config`` (hidden 2,048, 28 layers, 16 heads, 8 KV heads,
-head_dim 128, MLP 6,144, tied embeddings, V = 151,936) and saved to a temporary folder with a
-word-level tokenizer over all 151,936 ids (``w0`` .. ``w151935``, as ``espo_lightning.tasks.
-wide_vocab`` builds it), so whatever the random model samples decodes. Prompts are
-``WideVocabSource``'s, the reward ``parity_reward`` (it varies within every group of random
-completions, so advantages and gradients are not zero).
+Needs this package and its own dependencies, no vLLM and no model hub. The model is built in memory
+from ``transformers.Qwen3Config`` (hidden 2,048, 28 layers, 16 heads, 8 KV heads, head_dim 128, MLP
+6,144, tied embeddings, V = 151,936) and saved to a temporary folder with a word-level tokenizer
+over all 151,936 ids (``w0`` .. ``w151935``, as ``espo_lightning.tasks.wide_vocab`` builds it), so
+whatever the random model samples decodes. Prompts are ``WideVocabSource``'s, the reward
+``parity_reward`` (it varies within every group of random completions, so advantages and gradients
+are not zero). ``--tiny``: 2 layers, hidden 64, still V = 151,936.
 
 Each rollout is one minibatch trained twice (``ppo_epochs: 2``): the rollout is scored by the
 scoring pass up front and the first update is on-policy, so its log-probs must equal the old
 log-probs bit for bit (README, "Memory of a training step": old-policy scoring runs under the step's
 precision context, in train mode, on the micro-batches the step cuts).
 
-Lines of the table (``must``: the script exits 1 when one fails):
+Lines of the table (``must``: the script exits 1 when one fails; 2 without CUDA unless ``--tiny``):
 
-- fused LM head: must be on for the model (a fallback to the logits path is logged and fails here).
+- fused LM head: must be on for the model (a fallback to the logits path fails here).
 - on-policy ratio: max |exp(logp - old_logp) - 1| over the valid tokens of each rollout's first
   (on-policy) minibatch; must be exactly 0, i.e. the ratio is exactly 1.
 - clip/total on that minibatch (the loss's own metric); must be exactly 0.
 - training-step peak memory at 4k, 8k and 16k tokens per micro-batch (``--tiny``: 64, 128, 256):
   after the fit, one real ``training_step`` (forward, backward, AdamW step) on a scored batch of
   rows of 1,024 tokens (16 prompt + 1,008 completion; ``--tiny``: 16 + 48) that is one micro-batch,
-  with the Adam moments of the fit in place; ``torch.cuda.max_memory_allocated`` over that step,
-  beside the README's memory model for one device (``memory_model``). On the CPU: not measured.
+  with the fit's Adam moments in place: ``torch.cuda.max_memory_allocated`` over that step, beside
+  the README's memory model for one device (``memory_model``). On the CPU: not measured. AdamW is
+  ``fused=True`` on CUDA (the foreach default allocates a temporary of the weights' size in its step).
 - generation tokens/s: the HF engine's sampled tokens per second of the second rollout's generation.
 - training tokens/s: completion tokens per second of the second rollout's training steps, and
   padded tokens per second of each memory row's step.
@@ -97,7 +98,6 @@ def build_model(path: Path, setting: Setting, device, seed: int = 0, attention_d
                                         padding_side="left")
     config = Qwen3Config(vocab_size=VOCAB, **setting.shape, tie_word_embeddings=True,
                          max_position_embeddings=setting.max_positions, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
                          attention_dropout=attention_dropout, pad_token_id=0, eos_token_id=1, bos_token_id=1)
     torch.manual_seed(seed)
     with torch.device(device):  # random init where it is fast (the GPU for the full shape)
@@ -109,18 +109,21 @@ def build_model(path: Path, setting: Setting, device, seed: int = 0, attention_d
 
 
 # ----- the README's memory model ----------------------------------------------------------------
-def memory_model(params: int, tokens: int, hidden: int, layers: int, intermediate: int, vocab: int,
-                 chunk: int, positions: int | None = None) -> dict[str, int]:
+def memory_model(params: int, block_params: int, tokens: int, hidden: int, layers: int, intermediate: int,
+                 vocab: int, chunk: int, positions: int | None = None) -> dict[str, int]:
     """Bytes of a training step's peak on one device, row by row as README "What scales with what"
     lists them (R = 1, gradient checkpointing, fused head, bf16-mixed with fp32 master weights).
-    One device has no FSDP gather: the bf16 copies of the weights are autocast's cache of every
-    weight's cast, held for the step (2 P). A sum of parts that do not all peak at the same moment,
-    so the measured peak should lie at or below it. ``positions``: the valid completion positions
-    of the micro-batch, which bound the head's chunk (the README's rows assume C <= N)."""
+    The bf16 weights are the README's "2 x block + root": Lightning's autocast runs with its cast
+    cache off, so a weight's bf16 copy lives while its op's backward needs it, which under
+    checkpointing is one block's recompute (two blocks' worth counted) and the root. A sum of parts
+    that do not all peak at the same moment, so the measured peak should lie at or below it.
+    ``positions``: the valid completion positions of the micro-batch, which bound the head's chunk
+    (the README's rows assume C <= N)."""
     chunk = min(chunk, positions) if positions is not None else chunk
+    root = params - layers * block_params  # embeddings (= the tied head), final norm
     return {
         "fp32 weights, gradients, AdamW moments: 16 P": 16 * params,
-        "bf16 weight copies (autocast cache): 2 P": 2 * params,
+        "bf16 weights: 2 blocks in flight + root": 2 * (2 * block_params + root),
         "checkpointed block inputs: 2 N H L": 2 * tokens * hidden * layers,
         "one block's recompute: 8 N I": 8 * tokens * intermediate,
         "fused head chunk: 10 C V": 10 * chunk * vocab,
@@ -166,7 +169,6 @@ def _sync(module) -> None:
 
 def probe_callback(setting: Setting, measured: Measured):
     import lightning as L
-    import torch
 
     class Probe(L.Callback):
         """Times and checks the fit's steps; after the fit, runs the memory rows (``on_train_end``:
@@ -226,29 +228,28 @@ def memory_row(module, setting: Setting, tokens: int) -> dict:
     completions = torch.randint(3, VOCAB, (rows, setting.row_width - setting.row_prompt), generator=gen).tolist()
     advantages = torch.randn(rows, generator=gen)
     batch = build_rollout_batch(prompts, completions, 0, advantages, torch.zeros(rows), None, 1.0)
-    batch = module.score_rollout(batch.to(module.device))
+    info = {"tokens": tokens, "rows": rows, "positions": int(batch.completion_mask.sum())}
     saved = module.micro_batch_size, module.max_tokens_per_micro_batch
     module.micro_batch_size, module.max_tokens_per_micro_batch = None, rows * setting.row_width  # one pass
-    info = {"tokens": tokens, "rows": rows, "positions": int(batch.completion_mask.sum())}
     cuda = module.device.type == "cuda"
     try:
+        batch = module.score_rollout(batch.to(module.device))  # old log-probs, entropies, groups
         _sync(module)
         if cuda:
             torch.cuda.reset_peak_memory_stats(module.device)
-        start = time.perf_counter()
+        start, oom = time.perf_counter(), None
         try:
             with module.precision_context():  # as Lightning runs training_step
-                out = module.training_step(batch, 1)  # batch_idx 1: no reward display
+                module.training_step(batch, 1)  # batch_idx 1: no reward display
             _sync(module)
         except torch.cuda.OutOfMemoryError as err:
-            message = str(err).splitlines()[0]
-            del err
-            module.optimizers().zero_grad(set_to_none=True)  # the step's gradients, for the next row
-            torch.cuda.empty_cache()
-            return {**info, "error": f"out of memory: {message}"}
+            oom = str(err).splitlines()[0]
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(module.device) if cuda else None
-        del out
+        if oom is not None:  # outside the handler, so the failed step's frames are gone
+            module.optimizers().zero_grad(set_to_none=True)  # its gradients, for the next row
+            torch.cuda.empty_cache()
+            return {**info, "error": f"out of memory: {oom}"}
     finally:
         module.micro_batch_size, module.max_tokens_per_micro_batch = saved
     return {**info, "seconds": seconds, "peak": peak}
@@ -280,7 +281,8 @@ def run_fit(model_dir: Path, root: Path, setting: Setting, accelerator: str, mea
                            num_generations=setting.generations, ppo_epochs=2, max_new_tokens=setting.max_new_tokens,
                            temperature=1.0)
     trainer = L.Trainer(**{**TRAINER_DEFAULTS, "num_sanity_val_steps": 0, "max_epochs": 2},
-                        accelerator=accelerator, devices=1, precision="bf16-mixed", default_root_dir=str(root), gradient_clip_val=1.0,
+                        accelerator=accelerator, devices=1, precision="bf16-mixed", default_root_dir=str(root),
+                        gradient_clip_val=1.0,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[ClipFractionMonitor(), EntropyGroupMonitor(), GradientUtilizationMonitor(),
                                    RolloutMonitor(), probe_callback(setting, measured)])
@@ -296,7 +298,13 @@ def table(setting: Setting, measured: Measured, module, device_name: str, second
     """Prints the table; returns the must lines as (name, passed)."""
     cfg = module.policy.config
     params = sum(p.numel() for p in module.policy.parameters())  # tied head counted once
+    block = sum(p.numel() for p in module.policy.model.layers[0].parameters())
     chunk = module.scorer.chunk_size or max(1, 2**26 // VOCAB)
+
+    def model_of(row: dict) -> dict[str, int]:
+        return memory_model(params, block, row["tokens"], cfg.hidden_size, cfg.num_hidden_layers,
+                            cfg.intermediate_size, VOCAB, chunk, row["positions"])
+
     musts: list[tuple[str, bool]] = []
     rows: list[tuple[str, str, str, str]] = []
 
@@ -318,9 +326,7 @@ def table(setting: Setting, measured: Measured, module, device_name: str, second
     line("clip/total, on-policy minibatch", f"{clip:.3g}", "exactly 0", "must: " + ("pass" if ok else "FAIL"))
     for row in measured.memory:
         n = row["tokens"]
-        model = memory_model(params, n, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, VOCAB, chunk,
-                             row["positions"])
-        predicted = sum(model.values())
+        predicted = sum(model_of(row).values())
         name = f"step peak memory, {n:,} tokens/micro-batch"
         if "error" in row:
             line(name, row["error"], f"model {_gib(predicted)}", "info")
@@ -357,9 +363,7 @@ def table(setting: Setting, measured: Measured, module, device_name: str, second
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
     if measured.memory:
-        n = measured.memory[-1]["tokens"]
-        model = memory_model(params, n, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, VOCAB, chunk,
-                             measured.memory[-1]["positions"])
+        n, model = measured.memory[-1]["tokens"], model_of(measured.memory[-1])
         print(f"\nmemory model at {n:,} tokens (README, \"What scales with what\", one device):")
         for part, size in model.items():
             print(f"  {part:<50} {_gib(size):>11}")

@@ -43,8 +43,8 @@ def pid_reward(prompts, completions, **kw):
 
 
 class StallOnPrompt:
-    """1.0 per completion, except that completions of one prompt stall (a verifier hanging on one
-    problem). A class instance, as configs give parameterised rewards."""
+    """The completion's length in characters, except that completions of one prompt stall (a
+    verifier hanging on one problem). A class instance, as configs give parameterised rewards."""
 
     def __init__(self, prompt: str):
         self.prompt = prompt
@@ -52,7 +52,7 @@ class StallOnPrompt:
     def __call__(self, prompts, completions, **kw):
         if any(p == self.prompt for p in prompts):
             time.sleep(600)
-        return [1.0] * len(completions)
+        return [float(len(c)) for c in completions]
 
 
 def varies_by_rank(prompts, completions, **kw):

@@ -128,6 +128,12 @@ def test_a_rollout_counts_timeouts_for_the_logs(tiny_model_dir):
     finally:
         dm.teardown("fit")
     assert stats.reward_timeouts == 2 and stats.rewards[2:4].isnan().all() and stats.rewards.isnan().sum() == 2
-    assert batch.advantages.eq(0).all()  # unscored completions have advantage 0; the rest all scored 1.0
+    # the hanging group (rows 2, 3) has advantage 0; the other groups' rewards (lengths) still give
+    # advantages, so a timeout that silenced the whole rollout would show
+    assert batch.advantages[2:4].eq(0).all() and not stats.rewards[[0, 1, 4, 5, 6, 7]].isnan().any()
+    varied = [g for g in (0, 2, 3) if stats.rewards[2 * g] != stats.rewards[2 * g + 1]]
+    assert varied, f"no scored group with reward variance: the check below would be vacuous ({stats.rewards})"
+    for g in varied:
+        assert batch.advantages[2 * g: 2 * g + 2].ne(0).all(), g
     sums, maxes = RolloutMonitor().rank_totals(stats)
     assert RolloutMonitor.summarize(sums, maxes)["reward/timeout_frac"] == 2 / 8

@@ -194,7 +194,7 @@ def _checkpoint_names(targets, source) -> list[str] | str:
     return chosen
 
 
-def _plan(model, path: str, targets, from_pretrained_kwargs: dict):
+def _plan(path: str, targets, from_pretrained_kwargs: dict):
     """Rank 0: the source to read from and the checkpoint name of each target."""
     folder = Path(path)
     reason = "no local folder" if not folder.is_dir() else None
@@ -243,7 +243,7 @@ def _stream(tensor: torch.Tensor, source, key: str | None, buffer: torch.Tensor)
     if buffer.numel() < row_bytes:
         buffer = torch.empty(row_bytes, dtype=torch.uint8, device=buffer.device)
     step = buffer.numel() // row_bytes
-    flat_local = local.reshape(local.shape[0], -1) if len(shape) else local.reshape(1, 1)
+    flat_local = local.reshape(local.shape[0] if len(shape) else 1, row_numel)  # a rank may hold 0 rows
     for start in range(0, rows_total, step):
         stop = min(rows_total, start + step)
         piece = buffer[:(stop - start) * row_bytes].view(tensor.dtype).view(stop - start, row_numel)
@@ -271,16 +271,17 @@ def load_into_shards(model, path: str, device: torch.device, from_pretrained_kwa
     source = None
     if dist.get_rank() == 0:
         try:
-            source, names = _plan(model, path, targets, from_pretrained_kwargs)
+            source, names = _plan(path, targets, from_pretrained_kwargs)
             plan[0] = names
-        except (OSError, ValueError, RuntimeError) as err:
-            plan[0] = f"cannot load a causal LM from {path!r} ({err})"
+        except Exception as err:  # told to every rank: the others wait for the plan in a collective
+            plan[0] = f"cannot load a causal LM from {path!r} ({type(err).__name__}: {err})"
     dist.broadcast_object_list(plan, src=0)
     if isinstance(plan[0], str):
         raise ConfigError(f"model.model_name_or_path: {plan[0]}")
     buffer = torch.empty(PIECE_BYTES, dtype=torch.uint8, device=device)
     for (_, tensor), key in zip(targets, plan[0]):
-        buffer = _stream(tensor, source, key, buffer)
+        if tensor.numel():
+            buffer = _stream(tensor, source, key, buffer)
     del source, buffer
     _SCRATCH.clear()
     if getattr(model.config, "tie_word_embeddings", False):

@@ -108,6 +108,14 @@ def worker(mode: str, model_dir: str, out_dir: str, reference_dir: str = "") -> 
 
     gc.collect()
     dist.barrier()
+    if mode == "missing":
+        from espo_lightning.errors import ConfigError
+
+        with pytest.raises(ConfigError) as err:
+            module.configure_model()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"error": str(err.value)}))
+        dist.destroy_process_group()
+        return
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status("VmRSS")
     module.configure_model()
@@ -174,6 +182,35 @@ def run_ranks(mode: str, model_dir: Path, out: Path, reference_dir: Path | None 
 
 
 # ----- the tests -----------------------------------------------------------------------------------
+def test_reader_reads_row_ranges_of_sharded_files_into_any_dtype(tmp_path):
+    """Rank 0's reader: rows of a tensor from the right file of an index, straight into a tensor of
+    the file's dtype or converted into another (through the scratch buffer), and 0-dim tensors."""
+    from safetensors.torch import save_file
+
+    from espo_lightning.loading import SafetensorsReader
+
+    a = torch.randn(7, 3, 5, dtype=torch.bfloat16)
+    b, c = torch.arange(10, dtype=torch.int64), torch.tensor(2.5)
+    save_file({"a": a}, tmp_path / "one.safetensors")
+    save_file({"b": b, "c": c}, tmp_path / "two.safetensors")
+    index = {"weight_map": {"a": "one.safetensors", "b": "two.safetensors", "c": "two.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    reader = SafetensorsReader(tmp_path)
+    assert reader.shape("a") == (7, 3, 5) and reader.shape("c") == ()
+    out = torch.empty(3, 15, dtype=torch.float32)
+    reader.read_into("a", 2, out)
+    assert torch.equal(out, a[2:5].float().reshape(3, 15))
+    same = torch.empty(4, 15, dtype=torch.bfloat16)
+    reader.read_into("a", 3, same)
+    assert torch.equal(same, a[3:7].reshape(4, 15))
+    rows = torch.empty(4, 1, dtype=torch.int64)
+    reader.read_into("b", 6, rows)
+    assert rows.flatten().tolist() == [6, 7, 8, 9]
+    scalar = torch.empty(1, 1, dtype=torch.float64)
+    reader.read_into("c", 0, scalar)
+    assert float(scalar) == 2.5
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_load_a_fraction_of_the_model_each_and_the_same_weights(tmp_path):
@@ -212,6 +249,18 @@ def test_reference_from_a_bin_checkpoint_and_its_root_resharded_after_forward(tm
         assert r["reference_gathered_after_forward"] == []
         # FSDP2's default for a root: kept gathered after forward (the backward needs it at once)
         assert "lm_head.weight" in r["policy_gathered_after_forward"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_missing_weights_fail_on_every_rank_with_one_line(tmp_path):
+    save_model(tmp_path / "model", TINY)
+    for f in (tmp_path / "model").glob("*.safetensors"):
+        f.unlink()
+    ranks = run_ranks("missing", tmp_path / "model", tmp_path / "out")
+    for r in ranks:
+        assert r["error"].startswith("model.model_name_or_path: cannot load a causal LM from"), r["error"]
+        assert "\n" not in r["error"]
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> No
     from torch.distributed.tensor import DTensor
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from espo_lightning.rollout.engines.vllm import VLLMEngine
+    from espo_lightning.rollout.engines.vllm_weights import engine_weights
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -121,7 +121,7 @@ def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> No
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        got = dict(VLLMEngine()._full_weights(model))
+        got = dict(engine_weights(model, None))
         with open(f"{out}.{rank}", "w") as f:
             json.dump({"sharded": isinstance(model.model.embed_tokens.weight, DTensor),
                        "names": sorted(got) == sorted(full),
@@ -151,6 +151,91 @@ def test_fsdp2_weights_are_gathered_in_full_on_every_rank(tmp_path):
     for rank in range(2):
         assert json.loads(open(f"{out}.{rank}").read()) == {"sharded": True, "names": True, "equal": True,
                                                              "plain": True}
+
+
+def test_reload_log_filter_passes_failed_loads_except_the_rotary_notice():
+    """The rotary embedding's "Failed to load weights" (it has buffers, nothing to load) is noise on
+    every reload; any other layer's is the one warning that it kept random dummy weights."""
+    import logging
+
+    from espo_lightning.rollout.engines.vllm_logs import _QuietReload
+
+    def record(message):
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 1, message, None, None)
+
+    quiet = _QuietReload()
+    assert not quiet.filter(record("RotaryEmbedding: Failed to load weights"))
+    assert not quiet.filter(record("Reloading and processing weights took 0.01 s"))
+    assert quiet.filter(record("QKVParallelLinear: Failed to load weights"))
+    assert quiet.filter(record("FusedMoE: Failed to load weights"))
+
+
+@pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.32.1+cpu", True), ("0.31.2", False),
+                                         ("0.11.0", False), ("1.0.0", False)])
+def test_vllm_version_is_checked_at_engine_start(version, ok):
+    from espo_lightning.rollout.engines.vllm_start import check_vllm_version
+
+    if ok:
+        check_vllm_version(version)
+    else:
+        with pytest.raises(ConfigError, match=rf"vLLM {version} is installed.*tested against vLLM 0\.32\.x"):
+            check_vllm_version(version)
+
+
+def test_kv_cache_arithmetic_at_the_paper_setting():
+    """Qwen3-8B in bf16: 2 x 36 layers x 8 KV heads x 128 x 2 bytes = 147,456 bytes (144 KiB) per
+    token. 0.5 of an 80 GB GPU minus 16.4 GB of bf16 weights leaves 23.6 GB, i.e. 160k tokens: nine
+    17,408-token sequences, a warning against the default kv_cache_min_sequences of 8 only when fewer."""
+    from transformers import Qwen3Config
+
+    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache, kv_bytes_per_token
+
+    qwen3_8b = Qwen3Config(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                           head_dim=128)
+    per_token = kv_bytes_per_token(qwen3_8b, 2)
+    assert per_token == 147_456
+    assert kv_bytes_per_token(qwen3_8b, 2, tensor_parallel_size=2) == per_token // 2
+    tokens = int((0.5 * 80e9 - 16.4e9) // per_token)
+    assert tokens // 17_408 == 9
+    check_kv_cache(tokens, 17_408, 8, per_token)  # fits 9 >= 8: silent
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization: the engine's KV cache holds 10,000 tokens"):
+        check_kv_cache(10_000, 17_408, 8, per_token)
+
+
+def test_kv_cache_warns_below_the_minimum(caplog):
+    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache
+
+    with caplog.at_level("WARNING"):
+        check_kv_cache(100_000, 17_408, 8, 147_456)
+    assert "= 5 sequences of max_model_len=17,408, fewer than kv_cache_min_sequences=8" in caplog.text
+
+
+def test_gpu_defaults_bf16_sleep_and_cuda_graphs(caplog):
+    """On CUDA: sleep mode on, CUDA graphs on, an fp32 policy's engine in bf16 (16 GB instead of 33
+    for Qwen3-8B), and a warning naming the key for an explicit fp32 engine beside fp32 masters."""
+    from espo_lightning.rollout.engines.vllm import VLLMEngine
+    from espo_lightning.rollout.engines.vllm_budget import check_engine_dtype, platform_defaults
+
+    assert platform_defaults(True, None, None) == (True, False)
+    assert platform_defaults(False, None, None) == (False, True)
+    assert platform_defaults(True, False, True) == (False, True)  # what the config says wins
+    policy = torch.nn.Linear(2, 2)
+    engine = VLLMEngine()
+    assert engine.sleep_level == 2
+    assert engine._resolve_dtype(policy, on_cuda=True) == "bfloat16"
+    assert engine._resolve_dtype(policy, on_cuda=False) == "float32"
+    assert VLLMEngine(dtype="float32")._resolve_dtype(policy, on_cuda=True) == "float32"
+    with caplog.at_level("WARNING"):
+        check_engine_dtype("float32", 4, 8_190_000_000, on_cuda=True)
+    assert "data.engine.init_args.dtype: float32 beside float32 master weights holds 30.5 GiB" in caplog.text
+
+
+def test_vllm_generates_outside_the_trainers_autocast():
+    """HF generate runs the policy module itself and takes the training step's precision; vLLM has its
+    own weights and kernels, and autocast would downcast the fp32 ops it runs outside CUDA graphs."""
+    from espo_lightning.rollout.engines.vllm import VLLMEngine
+
+    assert HFEngine.uses_trainer_precision and not VLLMEngine.uses_trainer_precision
 
 
 # ----- the real engine ------------------------------------------------------------------------------
@@ -339,3 +424,71 @@ def test_sync_after_training_step(setup):
         assert after < 1e-3
     finally:
         engine.sync_weights(policy)  # other tests expect the original weights
+
+
+@pytest.mark.vllm
+def test_sync_refuses_a_layer_left_without_weights(setup, monkeypatch):
+    """A layer that receives none of the tensors sent keeps what it held (random dummy weights at the
+    first sync): vLLM only logs it. The sync raises instead, naming the layer."""
+    import espo_lightning.rollout.engines.vllm as engine_module
+
+    engine, policy, tok = setup
+    full = engine_module.engine_weights
+
+    def without_layer0_attention(model, dtype):
+        return ((n, t) for n, t in full(model, dtype) if not n.startswith("model.layers.0.self_attn.") or "o_proj" in n)
+
+    monkeypatch.setattr(engine_module, "engine_weights", without_layer0_attention)
+    try:
+        with pytest.raises(RuntimeError, match=r"vLLM received no weights for 1 layers \(QKVParallelLinear\)"):
+            engine.sync_weights(policy)
+    finally:
+        monkeypatch.undo()
+        engine.sync_weights(policy)
+
+
+@pytest.mark.vllm
+def test_level2_sleep_pushes_the_weights_again_before_sampling(setup, monkeypatch):
+    """Level-2 sleep discards the engine's weights; the next generate must push the policy's again,
+    even with no sync called in between (evaluation right after a rollout, dynamic-sampling rounds).
+    The CPU build has no sleep mode, so its sleep is stood in for by what level 2 leaves behind:
+    weights that are garbage (here: replaced by noise through the same reload)."""
+    engine, policy, tok = setup
+    p = prompts(tok)
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=4, seed=5)
+    woken = []
+
+    def sleep(level=1, mode="abort"):
+        assert level == 2
+        noise = [(n, torch.randn_like(t)) for n, t in policy.state_dict().items()]
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": noise})
+
+    monkeypatch.setattr(engine.llm, "sleep", sleep)
+    monkeypatch.setattr(engine.llm, "wake_up", lambda tags=None: woken.append(tags))
+    monkeypatch.setattr(engine, "_sleep", True)
+    try:
+        engine.release()
+        assert engine._asleep and not engine._synced
+        gen = engine.generate(p, sampling, policy)
+        assert woken == [["weights"], ["kv_cache"]]  # weights first, KV cache once they are in
+        assert max_diff(policy, p, gen, 4, 1.0) < 1e-4
+        engine.release()
+        engine.sync_weights(policy)  # the next rollout's sync wakes it the same way
+        assert not engine._asleep and max_diff(policy, p, engine.generate(p, sampling, policy), 4, 1.0) < 1e-4
+    finally:
+        monkeypatch.undo()
+        engine._asleep = False
+        engine.sync_weights(policy)
+
+
+@pytest.mark.vllm
+def test_engine_kv_cache_is_read_and_checked_at_start(setup, caplog):
+    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache, engine_kv_tokens
+
+    engine, policy, tok = setup
+    tokens = engine_kv_tokens(engine.llm)
+    assert tokens is not None and tokens > 0
+    max_len = engine.llm.llm_engine.vllm_config.model_config.max_model_len
+    with caplog.at_level("WARNING"):
+        check_kv_cache(tokens, max_len, tokens // max_len + 1)
+    assert f"fewer than kv_cache_min_sequences={tokens // max_len + 1}" in caplog.text

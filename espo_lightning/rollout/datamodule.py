@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import lightning as L
@@ -276,7 +277,7 @@ class RolloutDataModule(L.LightningDataModule):
         encoded = self.encoder.encode([r["prompt"] for r in rows])
         sampling = Sampling(n=G, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                             seed=self.seed * 7919 + epoch * 104_729 + round_ * 1_000_003 + rank)
-        with self.module.precision_context():  # HF generate samples under the training step's precision
+        with self._generation_context():
             gen = self.engine.generate(encoded.ids, sampling, self.module.policy)
         texts = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
@@ -309,6 +310,7 @@ class RolloutDataModule(L.LightningDataModule):
                                 needed=P // world, dynamic=self.drop_zero_std_groups,
                                 max_rounds=self.max_sampling_rounds, fewest=self._fewest)
         self.walk.finished(epoch, start, sampled.rounds)
+        self.engine.release()  # scoring and training get the engine's memory (vLLM sleep mode)
         t_gen = time.perf_counter() - t0
         if sampled.padded and not self._warned_filler:  # once: rollout/dropped_group_frac tracks it after
             self._warned_filler = True
@@ -380,15 +382,28 @@ class RolloutDataModule(L.LightningDataModule):
         return DataLoader(Items(chunks), batch_size=None, collate_fn=lambda x: x)
 
     def evaluate(self, chunk) -> None:
-        """One validation step (a chunk of one set) on the engine, with the policy's current weights."""
-        self._sync_engine()
-        self.evaluator.run(chunk, encoder=self.encoder, engine=self.engine, policy=self.module.policy,
-                           tokenizer=self.tokenizer, rewarder=self.rewarder,
-                           precision_context=self.module.precision_context)
+        """One validation step (a chunk of one set) on the engine, with the policy's current weights.
+
+        ``trainer.validate`` runs its steps under ``torch.inference_mode()`` wherever the process
+        group is not gloo (NCCL: ``lightning.pytorch.loops.utilities._no_grad_context``), and the
+        weight sync cannot run there: ``state_dict()`` of FSDP2's DTensor parameters raises "Cannot
+        set version_counter for inference tensor". Evaluation needs no autograd either way, so it
+        runs under plain ``no_grad`` whatever the caller chose (as fit's own validation does)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._sync_engine()
+            self.evaluator.run(chunk, encoder=self.encoder, engine=self.engine, policy=self.module.policy,
+                               tokenizer=self.tokenizer, rewarder=self.rewarder,
+                               precision_context=self._generation_context)
 
     def finish_evaluation(self) -> dict[str, float]:
         """Every set's metrics, global and the same on every rank; writes the summary and samples."""
+        self.engine.release()
         return self.evaluator.finish(self.trainer, self.module.model_name_or_path, self.checkpoint_step)
+
+    def _generation_context(self):
+        """The training step's precision (autocast under bf16-mixed) for an engine that runs the
+        policy module itself (HF generate); none for one with weights and kernels of its own (vLLM)."""
+        return self.module.precision_context() if self.engine.uses_trainer_precision else nullcontext()
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:

@@ -112,10 +112,13 @@ class RolloutCheckpoint(Checkpoint):
             _remove(tmp)  # the remains of a write a kill interrupted
         trainer.strategy.barrier("checkpoint-prepare")
         trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimizer, loops, rollout
+        # Every rank flushes: on a filesystem shared by several nodes (NFS, Lustre) only the node
+        # that wrote a shard holds its dirty pages, and only an fsync there writes them out.
+        _flush(tmp)
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
-            _flush(tmp)
             commit(tmp, final)
+            _flush_folder(folder)  # the renames themselves
         trainer.strategy.barrier("checkpoint-committed")
 
     def state_dict(self) -> dict:
@@ -143,10 +146,18 @@ def commit(tmp: Path, final: Path) -> None:
 def _flush(path: Path) -> None:
     """fsync the checkpoint's files, so a machine crash after the rename cannot leave a renamed but
     unwritten file (a process kill alone cannot: the page cache survives it)."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]  # none yet: nothing
     for file in files:
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _flush_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

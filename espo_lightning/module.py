@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from espo_lightning.attention import resolve_attn_implementation
 from espo_lightning.checkpoint_keys import check_keys, drop_reference, skip_reference
 from espo_lightning.cpu_heap import retain_freed_heap
 from espo_lightning.errors import ConfigError
@@ -53,7 +54,9 @@ class PolicyModule(L.LightningModule):
         dtype: Weight dtype when loading ("float32", "bfloat16", "float16"). For bf16 training with
             fp32 master weights keep float32 here and set ``trainer.precision: bf16-mixed``.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
-        attn_implementation: Passed to ``from_pretrained`` (e.g. "sdpa", "flash_attention_2").
+        attn_implementation: Passed to ``from_pretrained`` (e.g. "sdpa", "flash_attention_2"). "auto":
+            "flash_attention_2" on a GPU with the ``flash_attn`` package (varlen kernels, no padding
+            mask), else "sdpa" (``espo_lightning.attention``).
         trust_remote_code: Passed to ``from_pretrained``.
         micro_batch_size: Responses per forward/backward pass on a rank; one optimizer step still
             covers the whole minibatch (``data.minibatch_size``), with gradients accumulated over its
@@ -115,7 +118,7 @@ class PolicyModule(L.LightningModule):
         self.reference_path = reference_model or model_name_or_path
         self.dtype_name = dtype
         self.gradient_checkpointing = gradient_checkpointing
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = resolve_attn_implementation(attn_implementation)
         self.trust_remote_code = trust_remote_code
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch

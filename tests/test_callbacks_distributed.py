@@ -49,9 +49,8 @@ def test_two_ranks_log_the_same_numbers_as_one_rank_with_all_the_data(tmp_path):
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-def _fsdp2_grad_norm_worker(rank: int, world: int, port: int, out: str) -> None:
+def _fsdp2_grad_norm_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     import copy
-    import os
 
     import torch
     import torch.distributed as dist
@@ -61,8 +60,8 @@ def _fsdp2_grad_norm_worker(rank: int, world: int, port: int, out: str) -> None:
 
     from callbacks.grad_util import total_grad_norm
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rendezvous file, not a port found free and released (another process could take it between)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
@@ -89,15 +88,10 @@ def _fsdp2_grad_norm_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_grad_norm_of_fsdp2_dtensor_shards_is_the_full_norm(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "norm.json"
-    mp.spawn(_fsdp2_grad_norm_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_fsdp2_grad_norm_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert result["dtensor_grads"]
     assert result["sharded"] == pytest.approx(result["full"], rel=1e-5)

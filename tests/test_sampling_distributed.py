@@ -4,8 +4,6 @@ sharded ``generate`` is a collective), and both ranks serve full rollouts."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -16,13 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 TESTS = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _rank(rank: int, world: int, rendezvous: str, model_dir: str, out: str) -> None:
     sys.path.insert(0, str(TESTS))
     import torch.distributed as dist
 
@@ -33,8 +25,8 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     from espo_lightning.rollout.engines import HFEngine
     from espo_lightning.tasks.addition import AdditionSource
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rendezvous file, not a port found free and released (another process could take it between)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         module = PolicyModule(model_dir, loss=ESPOLoss())
         module.configure_model()
@@ -52,7 +44,8 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
 
 
 def test_ranks_run_the_same_sampling_rounds(tiny_model_dir, tmp_path):
-    mp.start_processes(_rank, args=(2, _free_port(), tiny_model_dir, str(tmp_path)), nprocs=2, start_method="spawn")
+    rendezvous = str(tmp_path / "rendezvous")
+    mp.start_processes(_rank, args=(2, rendezvous, tiny_model_dir, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     # rank 1 gets one group with variance per round and needs 3 (6 prompts / 2 ranks); rank 0 has
     # its 3 after one round but generates 3 rounds too

@@ -232,10 +232,22 @@ def test_gpu_defaults_bf16_sleep_and_cuda_graphs(caplog):
 
 def test_vllm_generates_outside_the_trainers_autocast():
     """HF generate runs the policy module itself and takes the training step's precision; vLLM has its
-    own weights and kernels, and autocast would downcast the fp32 ops it runs outside CUDA graphs."""
-    from espo_lightning.rollout.engines.vllm import VLLMEngine
+    own weights and kernels, and autocast would downcast the fp32 ops it runs outside CUDA graphs.
+    The DataModule's generation context (rollouts and evaluation) follows the engine."""
+    from types import SimpleNamespace
 
-    assert HFEngine.uses_trainer_precision and not VLLMEngine.uses_trainer_precision
+    from espo_lightning.rewards import exact_match
+    from espo_lightning.rollout.datamodule import RolloutDataModule
+    from espo_lightning.rollout.engines.vllm import VLLMEngine
+    from espo_lightning.tasks.addition import AdditionSource
+
+    trainer = SimpleNamespace(lightning_module=SimpleNamespace(
+        precision_context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    for engine, autocast in ((HFEngine(), True), (VLLMEngine(), False)):
+        dm = RolloutDataModule(train_data=AdditionSource(num_problems=8), reward_funcs=[exact_match], engine=engine)
+        dm.trainer = trainer
+        with dm._generation_context():
+            assert torch.is_autocast_enabled("cpu") is autocast, type(engine).__name__
 
 
 # ----- the real engine ------------------------------------------------------------------------------

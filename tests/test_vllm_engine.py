@@ -122,10 +122,12 @@ def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> No
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         got = dict(engine_weights(model, None))
+        bf16 = dict(engine_weights(model, torch.bfloat16))  # cast on the shards, gathered in bf16
         with open(f"{out}.{rank}", "w") as f:
             json.dump({"sharded": isinstance(model.model.embed_tokens.weight, DTensor),
-                       "names": sorted(got) == sorted(full),
-                       "equal": all(torch.equal(got[k], full[k]) for k in full if k in got),
+                       "names": sorted(got) == sorted(full) == sorted(bf16),
+                       "equal": all(torch.equal(got[k], full[k]) and torch.equal(bf16[k], full[k].to(torch.bfloat16))
+                                    for k in full if k in got),
                        "plain": all(not isinstance(v, DTensor) for v in got.values())}, f)
         # No rank tears gloo down while the other still talks to it (an abort at exit otherwise).
         dist.barrier()

@@ -21,3 +21,9 @@ def toy_rollout(model_dir: str):
             completions.append([int(x) for x in torch.randint(3, 13, (1 + (p * 3 + j) % 5,), generator=gen)])
     rewards = torch.rand(len(completions), generator=gen).round()
     return build_rollout_batch(prompts, completions, tok.pad_token_id, group_advantages(rewards, 4), rewards, None, 1.0)
+
+
+def first_group_varies(prompts, completions, **kw):
+    """Rewards 0, 1, 0, 1 for the first 4 completions of each call and 0 after: with 4 samples per
+    prompt, exactly one group of every sampling round has reward variance, whatever was sampled."""
+    return [float(i % 2) if i < 4 else 0.0 for i in range(len(completions))]

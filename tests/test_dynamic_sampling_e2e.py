@@ -1,5 +1,6 @@
-"""Dynamic sampling through the real CLI: every optimizer step gets a full minibatch, the rounds and
-dropped groups are logged, and the policy still learns."""
+"""Dynamic sampling through the real CLI: every optimizer step gets a full minibatch, and the rounds
+and dropped groups logged are the ones a reward with exactly one varied group per round implies
+(counts the code controls, not a learning curve the machine decides)."""
 from __future__ import annotations
 
 import lightning as L
@@ -21,21 +22,18 @@ class MinibatchSizes(L.Callback):
         SIZES.append(len(unwrap(batch)))
 
 
-def test_dynamic_sampling_keeps_minibatches_full_and_learns(tiny_model_dir, tmp_path):
+def test_dynamic_sampling_keeps_minibatches_full_and_logs_its_rounds(tiny_model_dir, tmp_path):
     SIZES.clear()
     root = tmp_path / "run"
-    args = tiny_args(tiny_model_dir, root, epochs=12)
-    args += ["--data.drop_zero_std_groups", "true", "--data.max_sampling_rounds", "8", "--data.ppo_epochs", "1",
+    args = tiny_args(tiny_model_dir, root, epochs=3)
+    args += ["--data.drop_zero_std_groups", "true", "--data.max_sampling_rounds", "10", "--data.ppo_epochs", "1",
              "--data.prompts_per_rollout", "8", "--data.minibatch_size", "16",
-             "--trainer.check_val_every_n_epoch", "100", "--model.optimizer.init_args.lr", "3e-3",
-             "--trainer.callbacks+=test_dynamic_sampling_e2e.MinibatchSizes"]
+             "--data.reward_funcs", "[rollout_toys.first_group_varies]",
+             "--trainer.check_val_every_n_epoch", "100", "--trainer.callbacks+=test_dynamic_sampling_e2e.MinibatchSizes"]
     run(["fit"] + args)
     tags = scalars(root / "lightning_logs" / "version_0")
-    assert SIZES == [16] * (12 * 2), SIZES  # 12 epochs x 2 minibatches of 16 responses, never fewer
-    rounds = [v for _, v in tags["rollout/sampling_rounds"]]
-    dropped = [v for _, v in tags["rollout/dropped_group_frac"]]
-    assert len(rounds) == len(dropped) == 12 and all(1 <= r <= 8 for r in rounds)
-    assert max(rounds) > 1, "the test needs refill rounds"
-    # the first-digit reward is learnt: its mean over every generated response rises
-    reward = [v for _, v in tags["reward/mean"]]
-    assert sum(reward[-4:]) / 4 > sum(reward[:2]) / 2 + 0.25, reward
+    assert SIZES == [16] * (3 * 2), SIZES  # 3 epochs x 2 minibatches of 16 responses, never fewer
+    # one varied group per round: 8 rounds fill the 8 prompts of a rollout; 8 x 8 groups generated,
+    # 56 of them dropped
+    assert [v for _, v in tags["rollout/sampling_rounds"]] == [8.0] * 3
+    assert [v for _, v in tags["rollout/dropped_group_frac"]] == pytest.approx([56 / 64] * 3)

@@ -111,12 +111,14 @@ class RolloutCheckpoint(Checkpoint):
             folder.mkdir(parents=True, exist_ok=True)
             _remove(tmp)  # the remains of a write a kill interrupted
         trainer.strategy.barrier("checkpoint-prepare")
+        # A sharded checkpoint's shards are flushed by the rank that wrote each one, on its own node
+        # (torch.distributed.checkpoint's FileSystemWriter, sync_files=True: the only fsync that
+        # reaches a node's dirty pages on a shared filesystem); rank 0 flushes what it wrote itself
+        # (meta.pt, a one-file checkpoint) and, after the renames, the folder.
         trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimizer, loops, rollout
-        # Every rank flushes: on a filesystem shared by several nodes (NFS, Lustre) only the node
-        # that wrote a shard holds its dirty pages, and only an fsync there writes them out.
-        _flush(tmp)
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
+            _flush(tmp)
             commit(tmp, final)
             _flush_folder(folder)  # the renames themselves
         trainer.strategy.barrier("checkpoint-committed")
@@ -146,7 +148,7 @@ def commit(tmp: Path, final: Path) -> None:
 def _flush(path: Path) -> None:
     """fsync the checkpoint's files, so a machine crash after the rename cannot leave a renamed but
     unwritten file (a process kill alone cannot: the page cache survives it)."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]  # none yet: nothing
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for file in files:
         with open(file, "rb") as f:
             os.fsync(f.fileno())

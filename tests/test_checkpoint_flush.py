@@ -1,6 +1,8 @@
 """Sharded checkpoints on a filesystem shared by several nodes: each rank writes its own shard, and
-only an fsync on the node that wrote it flushes its pages, so every rank must fsync what it wrote
-before rank 0 renames the checkpoint into place (2 gloo ranks, FSDP2, real files)."""
+only an fsync on the node that wrote it flushes its pages. Lightning saves shards through
+torch.distributed.checkpoint's FileSystemWriter, which fsyncs each file on the rank that wrote it
+(``sync_files=True``); rank 0 flushes the rest and the folder after the rename. Checked on 2 gloo
+ranks with real files: every rank's own shard is fsynced by that rank, before rank 0 commits."""
 from __future__ import annotations
 
 import json
@@ -32,3 +34,4 @@ def test_every_rank_flushes_its_own_shard(tiny_model_dir, tmp_path):
     for rank in (0, 1):
         flushed = [Path(json.loads(line)).name for line in Path(f"{log}.{rank}").read_text().splitlines()]
         assert f"__{rank}_0.distcp" in flushed, (rank, flushed)
+    assert "checkpoints" in [Path(json.loads(line)).name for line in Path(f"{log}.0").read_text().splitlines()]

@@ -12,6 +12,7 @@ from espo_lightning.checkpointing import RolloutCheckpoint
 from espo_lightning.cli_errors import one_line
 from espo_lightning.distributed import shutdown
 from espo_lightning.errors import ConfigError
+from espo_lightning.evaluation.report import format_report
 from espo_lightning.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
 
@@ -74,6 +75,16 @@ class ESPOLightningCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = self._last_checkpoint(required=True)
+
+    def after_validate(self) -> None:
+        """The result on stdout (rank 0): every set's metrics as a table and the summary's path."""
+        if not self.trainer.is_global_zero:
+            return
+        evaluator = self.datamodule.evaluator
+        if evaluator.last_summary is None:
+            print("validate: no evaluation ran (data.val_data has no sets)")
+            return
+        print(format_report(evaluator.last_summary, evaluator.summary_path), flush=True)
 
 
 def main(args: list[str] | None = None) -> None:

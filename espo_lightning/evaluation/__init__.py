@@ -6,7 +6,8 @@ or with k samples per problem, logged as ``val/<set>/accuracy``, ``avg@k``, the 
 - ``runner``: sharding a set over ranks and running one validation step on the rollout engine;
 - ``metrics``: pass@k and the set metrics from per-problem results gathered over ranks;
 - ``writer``: the summary JSON, the sample JSONL files and the TensorBoard text;
-- ``evaluator``: ``Evaluator``, which the DataModule holds and the module's validation hooks drive.
+- ``evaluator``: ``Evaluator``, which the DataModule holds and the module's validation hooks drive;
+- ``report``: the table ``validate`` prints at its end.
 """
 from espo_lightning.evaluation.evaluator import Evaluator
 from espo_lightning.evaluation.metrics import ProblemResult, pass_at_k, set_metrics

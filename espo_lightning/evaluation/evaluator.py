@@ -35,6 +35,8 @@ class Evaluator:
         self.samples_per_set, self.text_samples = samples_per_set, text_samples
         self._rows: dict[str, list[dict]] = {}
         self.step = 0  # the step of the last finished evaluation
+        self.last_summary: dict | None = None  # its summary (what eval_summary.json holds), every rank
+        self.summary_path: Path | None = None  # where rank 0 wrote it (None elsewhere / without a log folder)
         self._reset()
 
     def _reset(self) -> None:
@@ -94,11 +96,13 @@ class Evaluator:
             sets[name] = {"problems": problems, **spec.describe(), "metrics": values}
         elapsed = None if self._started is None else round(time.perf_counter() - self._started, 3)
         log_dir = trainer.log_dir  # a collective under DDP (rank 0's folder is broadcast): every rank asks
+        ckpt_path = trainer.ckpt_path if stage == "validate" else None  # in fit: the weights being trained
+        self.last_summary = {"stage": stage, "step": step, "epoch": trainer.current_epoch, "model": model_path,
+                             "ckpt_path": ckpt_path, "time_s": elapsed, "sets": sets, "metrics": metrics}
+        self.summary_path = None
         if trainer.is_global_zero and log_dir is not None and sets:
-            ckpt_path = trainer.ckpt_path if stage == "validate" else None  # in fit: the weights being trained
-            summary = {"stage": stage, "step": step, "epoch": trainer.current_epoch, "model": model_path,
-                       "ckpt_path": ckpt_path, "time_s": elapsed, "sets": sets, "metrics": metrics}
-            self._write(Path(log_dir), step, samples, trainer.loggers, summary)
+            self.summary_path = Path(log_dir) / "eval_summary.json"
+            self._write(Path(log_dir), step, samples, trainer.loggers, self.last_summary)
         self._reset()
         return metrics
 

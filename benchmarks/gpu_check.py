@@ -15,7 +15,7 @@ are not zero). ``--tiny``: 2 layers, hidden 64, still V = 151,936.
 
 Each rollout is one minibatch trained twice (``ppo_epochs: 2``): the rollout is scored by the
 scoring pass up front and the first update is on-policy, so its log-probs must equal the old
-log-probs bit for bit (README, "Memory of a training step": old-policy scoring runs under the step's
+log-probs bit for bit (docs/memory.md, "Memory of a training step": old-policy scoring runs under the step's
 precision context, in train mode, on the micro-batches the step cuts).
 
 Lines of the table (``must``: the script exits 1 when one fails; 2 without CUDA unless ``--tiny``):
@@ -28,7 +28,7 @@ Lines of the table (``must``: the script exits 1 when one fails; 2 without CUDA 
   after the fit, one real ``training_step`` (forward, backward, AdamW step) on a scored batch of
   rows of 1,024 tokens (16 prompt + 1,008 completion; ``--tiny``: 16 + 48) that is one micro-batch,
   with the fit's Adam moments in place: ``torch.cuda.max_memory_allocated`` over that step, beside
-  the README's memory model for one device (``memory_model``). On the CPU: not measured. AdamW is
+  the memory model of docs/memory.md for one device (``memory_model``). On the CPU: not measured. AdamW is
   ``fused=True`` on CUDA (the foreach default allocates a temporary of the weights' size in its step).
 - generation tokens/s: the HF engine's sampled tokens per second of the second rollout's generation.
 - training tokens/s: completion tokens per second of the second rollout's training steps, and
@@ -108,17 +108,17 @@ def build_model(path: Path, setting: Setting, device, seed: int = 0, attention_d
     return path
 
 
-# ----- the README's memory model ----------------------------------------------------------------
+# ----- the memory model of docs/memory.md ----------------------------------------------------------------
 def memory_model(params: int, block_params: int, tokens: int, hidden: int, layers: int, intermediate: int,
                  vocab: int, chunk: int, positions: int | None = None) -> dict[str, int]:
-    """Bytes of a training step's peak on one device, row by row as README "What scales with what"
+    """Bytes of a training step's peak on one device, row by row as docs/memory.md "What scales with what"
     lists them (R = 1, gradient checkpointing, fused head, bf16-mixed with fp32 master weights).
-    The bf16 weights are the README's "2 x block + root": Lightning's autocast runs with its cast
+    The bf16 weights are docs/memory.md's "2 x block + root": Lightning's autocast runs with its cast
     cache off, so a weight's bf16 copy lives while its op's backward needs it, which under
     checkpointing is one block's recompute (two blocks' worth counted) and the root. A sum of parts
     that do not all peak at the same moment, so the measured peak should lie at or below it.
     ``positions``: the valid completion positions of the micro-batch, which bound the head's chunk
-    (the README's rows assume C <= N)."""
+    (the rows of docs/memory.md assume C <= N)."""
     chunk = min(chunk, positions) if positions is not None else chunk
     root = params - layers * block_params  # embeddings (= the tied head), final norm
     return {
@@ -364,7 +364,7 @@ def table(setting: Setting, measured: Measured, module, device_name: str, second
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
     if measured.memory:
         n, model = measured.memory[-1]["tokens"], model_of(measured.memory[-1])
-        print(f"\nmemory model at {n:,} tokens (README, \"What scales with what\", one device):")
+        print(f"\nmemory model at {n:,} tokens (docs/memory.md, \"What scales with what\", one device):")
         for part, size in model.items():
             print(f"  {part:<50} {_gib(size):>11}")
     return musts

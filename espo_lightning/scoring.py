@@ -81,7 +81,7 @@ class TokenScorer:
     def _log_fallback(self, model, reason: str) -> None:
         self._blocked[id(model)] = reason
         log.warning("fused LM head off for %s: %s; computing log-probs from [B, T, V] logits instead "
-                    "(more memory: see README, 'Memory of a training step')", type(model).__name__, reason)
+                    "(more memory: see docs/memory.md)", type(model).__name__, reason)
 
     def _rows(self, model) -> int:
         return self.chunk_size or max(1, CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])

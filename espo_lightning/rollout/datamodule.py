@@ -51,7 +51,7 @@ class RolloutDataModule(L.LightningDataModule):
             evaluation sets by name, each a source (greedy) or an ``EvalSet`` with its own ``k``,
             ``greedy``, ``temperature``, ``top_p``, ``max_new_tokens`` and ``pass_at_k``, logged
             as ``val/<name>/accuracy``, ``avg@k``, ``pass@k``, ``response_len_mean``,
-            ``truncated_frac`` (README, Evaluation). None disables validation.
+            ``truncated_frac`` (docs/evaluation.md). None disables validation.
         reward_weights: One weight per reward function (default 1.0 each).
         accuracy_reward: Function whose reward 1.0 means "correct" for ``reward/accuracy`` and
             validation's correctness; defaults to the first reward function.

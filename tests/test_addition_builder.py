@@ -18,12 +18,14 @@ def _model():
     return build_model(tok, hidden_size=32, num_layers=1, seed=0), tok
 
 
+@pytest.mark.slow
 def test_a_band_that_holds_at_once_stops_at_the_first_probe():
     model, tok = _model()
     out = warm_start(model, tok, TASK, steps=50, batch_size=8, band=(0.0, 1.0), check_every=5, probe=problems(8, 1))
     assert out.steps == 5 and out.accuracy is not None
 
 
+@pytest.mark.slow
 def test_a_probe_past_the_band_replays_the_same_trajectory_step_by_step():
     plain, tok = _model()
     warm_start(plain, tok, TASK, steps=6, batch_size=8)
@@ -36,6 +38,7 @@ def test_a_probe_past_the_band_replays_the_same_trajectory_step_by_step():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_builder_records_where_the_warm_start_ended(tmp_path):
     AdditionModelBuilder(sft_steps=10, target_accuracy=(0.9, 1.0), check_every=5, hidden_size=32, num_layers=1)(tmp_path / "m")
     stamp = json.loads((tmp_path / "m" / "espo_builder.json").read_text())

@@ -65,6 +65,7 @@ def test_warm_start_learns_the_response_not_the_prompt():
     assert torch.equal(attention[1] == 0, input_ids[1] == tok.pad_token_id)
 
 
+@pytest.mark.slow
 def test_builder_stamps_its_spec_and_band(tmp_path):
     ChainModelBuilder(sft_steps=6, target_accuracy=(0.9, 1.0), check_every=3, hidden_size=32, num_layers=1)(tmp_path / "m")
     stamp = json.loads((tmp_path / "m" / "espo_builder.json").read_text())

@@ -68,6 +68,7 @@ def test_row_without_answer_column(tmp_path, capsys):
     assert code != 0 and line.startswith("error: data.train_data:") and "row 2" in line and "'answer'" in line, err[-2000:]
 
 
+@pytest.mark.slow
 def test_real_process_exit_code(tmp_path):
     """The same path through a real ``python -m espo_lightning`` process: exit code 2, one line."""
     proc = subprocess.run([sys.executable, "-m", "espo_lightning", *QUICK, "--trainer.default_root_dir", str(tmp_path),

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from espo_lightning.losses import ESPOLoss, GRPOLoss
 from rollout_toys import toy_rollout
 
+pytestmark = pytest.mark.slow  # ten Trainer fits on the tiny model
+
 
 class _Serve(L.LightningDataModule):
     """Serves one minibatch twice: the first step is on-policy, the second is not."""

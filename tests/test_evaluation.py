@@ -213,6 +213,7 @@ def test_engines_with_per_prompt_seeds_get_one_call_others_one_per_problem(tok):
     assert [r.correct for r in out.results] == [1] * 5  # "1" then EOS: the reward's 1.0 counts
 
 
+@pytest.mark.slow
 def test_hf_samples_do_not_depend_on_the_rank_layout(tiny_model_dir, tok):
     """The real tiny model through HFEngine: a problem's k samples are the same whichever rank and
     chunk it lands in, so 1 rank and 2 ranks (batch 3 or 2) score the same completions."""

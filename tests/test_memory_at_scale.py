@@ -66,6 +66,7 @@ def wide_vocab_dir(tmp_path_factory) -> str:
     return str(build_wide_vocab_model(tmp_path_factory.mktemp("models") / "wide-vocab", vocab_size=V))
 
 
+@pytest.mark.slow
 def test_a_training_step_at_qwen_vocabulary_saves_no_logits(wide_vocab_dir):
     saved = _saved_by_one_step(wide_vocab_dir)
     largest_shape, largest = max(saved, key=lambda s: s[1])

@@ -13,6 +13,8 @@ from espo_lightning.rewards import exact_match, math_accuracy
 from espo_lightning.rollout.rewarding import Rewarder
 import reward_toys as toys
 
+pytestmark = pytest.mark.slow  # spawned worker processes, real timeouts and SIGKILLs
+
 PROMPTS = ["q0", "q1", "q2", "q3"]
 
 

@@ -59,6 +59,7 @@ def test_nan_from_one_function_is_its_none_only():
     assert combined_rewards([nan_on_a], [1.0], ["p"] * 3, COMPLETIONS, {}) == [None, 1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_a_raising_reward_ends_the_cli_run_with_one_line(tiny_model_dir, tmp_path, capsys):
     from test_cli_errors import error_line, run_main
 

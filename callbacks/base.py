@@ -49,6 +49,9 @@ that monitors (``checkpoint.monitor``, ``EarlyStopping``) see them. Every value 
 so nothing of ``LightningModule.log``'s reduction machinery is needed (``espo_lightning.log_writer``
 says what that costs).
 
+TensorBoard's Custom Scalars tab shows the charts callbacks declare with ``tensorboard_charts``
+(``callbacks/layout.py``); ``DiagnosticsCallback.on_train_start`` writes them, once per run.
+
 Every rank must run the same number of steps and report the same metric names at each step (true
 for ``espo_lightning.losses``: the names depend only on the loss's configuration), because the
 reductions are collectives.
@@ -61,6 +64,7 @@ from collections.abc import Mapping
 import lightning as L
 import torch
 from torch import Tensor
+from callbacks.layout import Chart, write_layout
 from espo_lightning.log_writer import step_is_logged, write_metrics  # noqa: F401 (re-exported for callbacks)
 from espo_lightning.rollout.batch import unwrap
 
@@ -277,7 +281,15 @@ class DiagnosticsCallback(L.Callback):
             self.accumulate_max(pl_module, name, value)
         return self.log_step(pl_module, means, maxes)
 
+    # ----- TensorBoard's Custom Scalars tab (callbacks/layout.py) ---------------------------------
+    def tensorboard_charts(self) -> list[Chart]:
+        """The charts of this callback's metrics in the Custom Scalars tab; none by default."""
+        return []
+
     # ----- hooks ------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        write_layout(trainer)  # the first callback there writes every callback's charts, once
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.reset_epoch()  # drop partial state of an interrupted epoch
 

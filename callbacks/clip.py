@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from callbacks.base import DiagnosticsCallback, step_diagnostics
+from callbacks.layout import Chart
 
 TOKEN_KEYS = ("clip/low", "clip/high", "clip/total")
 
@@ -19,6 +20,10 @@ class ClipFractionMonitor(DiagnosticsCallback):
     every step of the epoch on every rank. Also the importance ratios the clip acts on:
     ``ratio/mean`` (token-weighted) and ``ratio/max`` (largest over ranks), per step and per epoch.
     """
+
+    def tensorboard_charts(self) -> list[Chart]:
+        return [Chart("clipping", "clip fraction low / high / total, per step", (r"^clip/(low|high|total)$",)),
+                Chart("clipping", "clip fraction low / high / total, per epoch", (r"^clip/(low|high|total)_epoch$",))]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         diag = step_diagnostics(outputs)

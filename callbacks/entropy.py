@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from callbacks.base import DiagnosticsCallback, entropy_group_indices, step_batch, step_diagnostics, tensorboard_writers
+from callbacks.layout import Chart
 from callbacks.metrics import HistogramSketch
 
 GROUP_FIELDS = ("entropy_mean", "epsilon_mean", "clip_frac", "ratio_mean")
@@ -51,6 +52,11 @@ class EntropyGroupMonitor(DiagnosticsCallback):
             if isinstance(vocab, int) and vocab > 1:
                 return math.log(vocab)
         return 10.0
+
+    def tensorboard_charts(self) -> list[Chart]:
+        return [Chart("clipping", "clip fraction per entropy group (0 = highest entropy)",
+                      (r"^entropy_group/\d+/clip_frac$",)),
+                Chart("clipping", "clip range (epsilon) per entropy group", (r"^entropy_group/\d+/epsilon_mean$",))]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         diag = step_diagnostics(outputs)

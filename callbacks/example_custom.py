@@ -13,7 +13,9 @@ Writing one
    both at once. Anything computed across ranks must be computed
    on every rank (it is a collective); write to TensorBoard only through
    ``tensorboard_writers(trainer)`` (empty except on rank 0).
-4. Put the file in ``callbacks/`` and select it in YAML by its class path::
+4. Optionally, ``tensorboard_charts()`` returns ``callbacks.layout.Chart``s: your metrics side by
+   side in TensorBoard's Custom Scalars tab, beside the standard callbacks' charts.
+5. Put the file in ``callbacks/`` and select it in YAML by its class path::
 
        trainer:
          callbacks:
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from callbacks.base import DiagnosticsCallback, step_batch, tensorboard_writers
+from callbacks.layout import Chart
 from callbacks.metrics import HistogramSketch
 
 
@@ -50,6 +53,10 @@ class AdvantageHistogram(DiagnosticsCallback):
             raise ValueError(f"AdvantageHistogram: need bins >= 1 and limit > 0, got bins={bins}, limit={limit}")
         self.bins, self.limit = bins, limit
         self._hist: HistogramSketch | None = None
+
+    def tensorboard_charts(self) -> list[Chart]:
+        return [Chart("advantages", "mean |advantage| and non-zero fraction, per step",
+                      (r"^advantage/(abs_mean|nonzero_frac)$",))]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         b = step_batch(outputs, batch)

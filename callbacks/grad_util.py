@@ -6,6 +6,7 @@ import math
 import torch
 
 from callbacks.base import DiagnosticsCallback, _scalar, step_batch, step_diagnostics, step_is_logged, write_metrics
+from callbacks.layout import Chart
 from espo_lightning.grad_norm import total_grad_norm  # noqa: F401 (re-exported: custom callbacks use it)
 
 
@@ -47,6 +48,10 @@ class GradientUtilizationMonitor(DiagnosticsCallback):
         super().__init__(sync_step=sync_step, log_every_step=log_every_step)
         self.grad_norm = grad_norm
         self._norms: list[torch.Tensor] = []  # this epoch's norms, folded into the aggregates when read
+
+    def tensorboard_charts(self) -> list[Chart]:
+        return [Chart("gradient utilization", "active tokens / responses with an active token",
+                      (r"^grad_util/(token|sequence)$",))]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         diag = step_diagnostics(outputs)

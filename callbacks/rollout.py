@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from callbacks.base import distributed, step_batch, step_diagnostics, tensorboard_writers, write_metrics
+from callbacks.layout import write_layout
 
 # Per-rank quantities that add up across ranks, and those whose global value is the largest one.
 SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "length_sum", "truncated",
@@ -64,6 +65,9 @@ class RolloutMonitor(L.Callback):
     def _rollout(trainer):
         datamodule = getattr(trainer, "datamodule", None)
         return getattr(datamodule, "last_rollout", None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        write_layout(trainer)  # TensorBoard's Custom Scalars tab (callbacks/layout.py): reward with accuracy
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._update_time, self._train_tokens, self._batch_start = 0.0, 0.0, None

@@ -206,7 +206,7 @@ def probe_callback(setting: Setting, measured: Measured):
             measured.generation[trainer.current_epoch] = (stats.generated_tokens, stats.generation_time_s)
 
         def on_train_end(self, trainer, pl_module):
-            from espo_lightning.lm_head import fusion_blocker
+            from espo_lightning.policy.lm_head import fusion_blocker
 
             measured.fused = fusion_blocker(pl_module.policy) is None
             for tokens in setting.tokens:
@@ -263,9 +263,9 @@ def run_fit(model_dir: Path, root: Path, setting: Setting, accelerator: str, mea
 
     from callbacks import ClipFractionMonitor, EntropyGroupMonitor, GradientUtilizationMonitor, RolloutMonitor
     from espo_lightning.cli import TRAINER_DEFAULTS
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from espo_lightning.rollout.datamodule import RolloutDataModule
-    from espo_lightning.rollout.engines import HFEngine
+    from espo_lightning.engines import HFEngine
     from espo_lightning.tasks.wide_vocab import WideVocabSource, parity_reward
 
     fused_adam = accelerator == "cuda"  # the foreach default would add a 4 P temporary in the step

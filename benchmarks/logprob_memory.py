@@ -1,4 +1,4 @@
-"""Peak extra memory of scoring sampled tokens from logits: chunked (espo_lightning.logprobs) vs naive.
+"""Peak extra memory of scoring sampled tokens from logits: chunked (espo_lightning.policy.logprobs) vs naive.
 
     python benchmarks/logprob_memory.py [--tokens 2048] [--vocab 151936]
 
@@ -42,7 +42,7 @@ def _status_kib(field: str) -> int:
 def _variants():
     import torch
 
-    from espo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+    from espo_lightning.policy.logprobs import token_logprobs, token_logprobs_and_entropy
 
     def naive_scoring(logits, targets):
         with torch.no_grad():

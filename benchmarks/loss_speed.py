@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from espo_lightning.advantages import group_advantages  # noqa: E402
+from espo_lightning.rollout.advantages import group_advantages  # noqa: E402
 from espo_lightning.losses import CISPOLoss, ESPOLoss, GMPOLoss, GRPOLoss, GSPOLoss  # noqa: E402
 
 

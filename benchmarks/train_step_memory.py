@@ -47,7 +47,7 @@ def child(model_dir: str, path: str, tokens: int, repeats: int) -> None:
     from transformers import AutoModelForCausalLM
 
     from espo_lightning.rollout.tensors import build_rollout_batch
-    from espo_lightning.scoring import TokenScorer
+    from espo_lightning.policy.scoring import TokenScorer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()

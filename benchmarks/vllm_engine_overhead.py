@@ -28,8 +28,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from espo_lightning.rollout.engines import Sampling, VLLMEngine
-    from espo_lightning.rollout.engines.vllm import _request_seed, _sampled_logprobs
+    from espo_lightning.engines import Sampling, VLLMEngine
+    from espo_lightning.engines.vllm import _request_seed, _sampled_logprobs
     from espo_lightning.tasks.addition import AdditionModelBuilder, problems
 
     folder = os.path.join(tempfile.mkdtemp(prefix="espo-bench-"), "addition")

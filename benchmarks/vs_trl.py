@@ -71,7 +71,7 @@ def run_trl(args, spec: dict, out: Path, retain_heap: bool = False) -> dict:
 
         def on_train_begin(self, *a, **k):
             if retain_heap:  # the heap setting this project applies at its train start (cpu_heap.py)
-                from espo_lightning.cpu_heap import retain_freed_heap
+                from espo_lightning.training.cpu_heap import retain_freed_heap
 
                 retain_freed_heap()
             self.t0 = time.perf_counter()
@@ -129,9 +129,9 @@ def run_ours(args, spec: dict, out: Path, loss: str) -> dict:
         "espo": {"class_path": "espo_lightning.losses.ESPOLoss",
                  "init_args": {"alpha": 0.02, "grouping": "top_fraction", "high_entropy_fraction": 0.2}},
     }
-    engine = ({"class_path": "espo_lightning.rollout.engines.HFEngine", "init_args": {"batch_size": PROMPTS}}
+    engine = ({"class_path": "espo_lightning.engines.HFEngine", "init_args": {"batch_size": PROMPTS}}
               if args.engine == "hf" else
-              {"class_path": "espo_lightning.rollout.engines.VLLMEngine",
+              {"class_path": "espo_lightning.engines.VLLMEngine",
                "init_args": {"kv_cache_space_gib": 1, "max_model_len": 64, "return_logprobs": False}})
     config = {
         "seed_everything": 0,
@@ -176,13 +176,13 @@ def run_bare(args, spec: dict, out: Path, loss: str = "grpo") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import espo_lightning.rewards as rewards
-    from espo_lightning.advantages import group_advantages
-    from espo_lightning.cpu_heap import retain_freed_heap
+    from espo_lightning.rollout.advantages import group_advantages
+    from espo_lightning.training.cpu_heap import retain_freed_heap
     from espo_lightning.losses import GRPOLoss
-    from espo_lightning.rollout.engines import HFEngine
-    from espo_lightning.rollout.engines.base import Sampling
+    from espo_lightning.engines import HFEngine
+    from espo_lightning.engines.base import Sampling
     from espo_lightning.rollout.tensors import build_rollout_batch
-    from espo_lightning.scoring import TokenScorer
+    from espo_lightning.policy.scoring import TokenScorer
 
     torch.manual_seed(0)
     folder = str(ROOT / spec["folder"])
@@ -338,7 +338,7 @@ def main() -> None:
                         choices=["trl", "ours-grpo", "ours-espo", "bare", "trl-heap"],
                         help="bare: the same model calls in a plain loop (the compute floor), see run_bare; "
                              "trl-heap: TRL in a process with the heap setting this project's trainer "
-                             "applies on a CPU (espo_lightning/cpu_heap.py), the ratios' control")
+                             "applies on a CPU (espo_lightning/training/cpu_heap.py), the ratios' control")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="this project's rollout engine")
     parser.add_argument("--model-size", choices=list(MODELS), default="small")
     parser.add_argument("--checkpoints", action="store_true",

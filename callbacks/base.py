@@ -46,7 +46,7 @@ Values reach the loggers through ``write_metrics``: one ``log_metrics`` call per
 (or epoch), at the step Lightning writes its own values of that step (epoch values at the epoch's
 last step, as ``self.log(on_epoch=True)`` places them), and into ``trainer.callback_metrics`` so
 that monitors (``checkpoint.monitor``, ``EarlyStopping``) see them. Every value is already global,
-so nothing of ``LightningModule.log``'s reduction machinery is needed (``espo_lightning.log_writer``
+so nothing of ``LightningModule.log``'s reduction machinery is needed (``espo_lightning.training.log_writer``
 says what that costs).
 
 TensorBoard's Custom Scalars tab shows the charts callbacks declare with ``tensorboard_charts``
@@ -65,7 +65,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from callbacks.layout import Chart, write_layout
-from espo_lightning.log_writer import step_is_logged, write_metrics  # noqa: F401 (re-exported for callbacks)
+from espo_lightning.training.log_writer import step_is_logged, write_metrics  # noqa: F401 (re-exported for callbacks)
 from espo_lightning.rollout.batch import unwrap
 
 EPOCH_SUFFIX = "_epoch"

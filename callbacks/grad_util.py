@@ -7,7 +7,7 @@ import torch
 
 from callbacks.base import DiagnosticsCallback, _scalar, step_batch, step_diagnostics, step_is_logged, write_metrics
 from callbacks.layout import Chart
-from espo_lightning.grad_norm import total_grad_norm  # noqa: F401 (re-exported: custom callbacks use it)
+from espo_lightning.training.grad_norm import total_grad_norm  # noqa: F401 (re-exported: custom callbacks use it)
 
 
 def nonzero_advantage_tokens(batch) -> torch.Tensor:

@@ -8,12 +8,12 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from espo_lightning.checkpointing import RolloutCheckpoint
-from espo_lightning.cli_errors import one_line
-from espo_lightning.distributed import shutdown
+from espo_lightning.run.checkpointing import RolloutCheckpoint
+from espo_lightning.run.cli_errors import one_line
+from espo_lightning.run.distributed import shutdown
 from espo_lightning.errors import ConfigError
 from espo_lightning.evaluation.report import format_report
-from espo_lightning.module import PolicyModule
+from espo_lightning.training.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
 
 # An epoch is one rollout: the DataModule must be asked for fresh rollouts every epoch, and the

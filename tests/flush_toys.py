@@ -1,5 +1,5 @@
 """A callback that records, per rank, every file the checkpoint code fsyncs (JSON lines in
-``<log_path>.<rank>``), wrapping ``espo_lightning.checkpointing._flush`` in each rank's process."""
+``<log_path>.<rank>``), wrapping ``espo_lightning.run.checkpointing._flush`` in each rank's process."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ class RecordFlushes(Callback):
         self.log_path = log_path
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        import espo_lightning.checkpointing as checkpointing
+        import espo_lightning.run.checkpointing as checkpointing
 
         real, path = checkpointing.os.fsync, f"{self.log_path}.{trainer.global_rank}"
 

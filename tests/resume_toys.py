@@ -9,7 +9,7 @@ import signal
 
 import lightning as L
 
-from espo_lightning.rollout.engines import HFEngine
+from espo_lightning.engines import HFEngine
 
 
 def kill_run() -> None:

@@ -8,7 +8,7 @@ import torch
 def toy_rollout(model_dir: str):
     from transformers import AutoTokenizer
 
-    from espo_lightning.advantages import group_advantages
+    from espo_lightning.rollout.advantages import group_advantages
     from espo_lightning.rollout.tensors import build_rollout_batch
 
     tok = AutoTokenizer.from_pretrained(model_dir)

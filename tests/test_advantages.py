@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from espo_lightning.advantages import group_advantages, rewards_to_tensor
+from espo_lightning.rollout.advantages import group_advantages, rewards_to_tensor
 
 NONE = math.nan
 

@@ -6,8 +6,8 @@ import importlib.util
 
 import torch
 
-from espo_lightning import attention
-from espo_lightning.module import PolicyModule
+from espo_lightning.policy import attention
+from espo_lightning.training.module import PolicyModule
 
 
 def test_auto_is_sdpa_without_a_gpu_or_flash_attn(monkeypatch):

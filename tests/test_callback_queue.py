@@ -75,7 +75,7 @@ def test_write_metrics_is_one_tensorboard_event_read_back_per_value(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from espo_lightning.log_writer import write_metrics
+    from espo_lightning.training.log_writer import write_metrics
 
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0, prefix="run")
     trainer = SimpleNamespace(callback_metrics={}, loggers=[logger], is_global_zero=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from espo_lightning.checkpointing import RolloutCheckpoint, commit
+from espo_lightning.run.checkpointing import RolloutCheckpoint, commit
 from espo_lightning.errors import ConfigError
 
 
@@ -49,7 +49,7 @@ def test_bad_settings_name_the_key(kwargs, message):
 
 def test_loading_skips_the_reference_and_names_any_other_mismatch(tiny_model_dir):
     from espo_lightning.losses import ESPOLoss
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss(beta=0.01))  # a KL term: a frozen reference
     module.configure_model()

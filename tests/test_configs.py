@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from espo_lightning.cli import ESPOLightningCLI, TRAINER_DEFAULTS
-from espo_lightning.module import PolicyModule
+from espo_lightning.training.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,4 +1,4 @@
-"""``espo_lightning.cpu_heap``: freed heap memory kept for the next step of a CPU policy (glibc).
+"""``espo_lightning.training.cpu_heap``: freed heap memory kept for the next step of a CPU policy (glibc).
 
 Checked by what the code controls, not by page-fault counts (those depend on where address
 randomisation puts the heap: 2,661 to 5,112 faults per cycle over 50 processes): the two ``mallopt``
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from espo_lightning import cpu_heap
-from espo_lightning.module import PolicyModule
+from espo_lightning.training import cpu_heap
+from espo_lightning.training.module import PolicyModule
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt thresholds are glibc's")
@@ -53,7 +53,7 @@ def test_sets_the_mmap_then_the_trim_threshold_once(monkeypatch, answer):
 
 _KEPT = r"""
 import ctypes, json, torch
-from espo_lightning.cpu_heap import retain_freed_heap
+from espo_lightning.training.cpu_heap import retain_freed_heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -90,7 +90,7 @@ def test_applied_once_and_reported():
 @pytest.mark.parametrize("retain", [True, False])
 def test_module_applies_it_at_train_start_on_cpu_only_when_asked(monkeypatch, retain):
     calls = []
-    monkeypatch.setattr("espo_lightning.module.retain_freed_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr("espo_lightning.training.module.retain_freed_heap", lambda: calls.append(1) or True)
     module = PolicyModule("unused-path", retain_cpu_heap=retain)
     try:
         module.on_train_start()

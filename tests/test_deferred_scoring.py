@@ -45,7 +45,7 @@ class _Steps(L.Callback):
 
 
 def _run(model_dir: str, loss, defer: bool, **module_kwargs):
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
 
     module = PolicyModule(model_dir, loss=loss, optimizer=lambda p: torch.optim.SGD(p, lr=5.0), **module_kwargs)
     module.configure_model()
@@ -95,7 +95,7 @@ def test_first_update_scoring_itself_equals_scoring_up_front(tiny_model_dir, los
 def test_batch_scoped_grouping_is_never_deferred(tiny_model_dir):
     """ESPO with ``scope: batch`` ranks entropies over the whole rollout: its rows cannot be
     prepared one minibatch at a time, so everything is scored up front."""
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss(scope="batch"))
     module.configure_model()
@@ -104,8 +104,8 @@ def test_batch_scoped_grouping_is_never_deferred(tiny_model_dir):
 
 
 def test_a_minibatch_mixing_scored_and_unscored_rows_is_refused(tiny_model_dir):
-    from espo_lightning.old_policy import is_unscored
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.old_policy import is_unscored
+    from espo_lightning.training.module import PolicyModule
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss())
     module.configure_model()

@@ -46,10 +46,10 @@ def make_global_batch(model_dir: str, path: Path) -> None:
     group-normalised advantages and ESPO's entropy groups."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from espo_lightning.advantages import group_advantages
+    from espo_lightning.rollout.advantages import group_advantages
     from espo_lightning.losses import ESPOLoss
     from espo_lightning.rollout.tensors import build_rollout_batch
-    from espo_lightning.scoring import sequence_logprobs_and_entropy
+    from espo_lightning.policy.scoring import sequence_logprobs_and_entropy
 
     gen = torch.Generator().manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -101,10 +101,10 @@ def worker(strategy: str, model_dir: str, batch_path: str, out_dir: str, options
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from espo_lightning.rollout.loaders import Items
-    from espo_lightning.distributed import shutdown
-    from espo_lightning.sharding import full_state_dict
+    from espo_lightning.run.distributed import shutdown
+    from espo_lightning.policy.sharding import full_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

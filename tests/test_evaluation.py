@@ -13,7 +13,7 @@ import pytest
 from espo_lightning.errors import ConfigError
 from espo_lightning.evaluation import EvalSet, ProblemResult, pass_at_k, problem_seed, resolve_sets, set_metrics
 from espo_lightning.evaluation.runner import run_chunk, shard
-from espo_lightning.rollout.engines.base import Generation, RolloutEngine
+from espo_lightning.engines.base import Generation, RolloutEngine
 from espo_lightning.rollout.rewarding import Rewarder
 from espo_lightning.tasks.addition import AdditionSource
 
@@ -188,7 +188,7 @@ def tok(tiny_model_dir):
 
 
 def _context(tok, engine, policy=None):
-    from espo_lightning.rollout.prompts import PromptEncoder
+    from espo_lightning.data.prompts import PromptEncoder
 
     return dict(encoder=PromptEncoder(tok, 64), engine=engine, policy=policy, tokenizer=tok,
                 rewarder=Rewarder([first_digit_is_one]), precision_context=nullcontext)
@@ -219,7 +219,7 @@ def test_hf_samples_do_not_depend_on_the_rank_layout(tiny_model_dir, tok):
     chunk it lands in, so 1 rank and 2 ranks (batch 3 or 2) score the same completions."""
     from transformers import AutoModelForCausalLM
 
-    from espo_lightning.rollout.engines import HFEngine
+    from espo_lightning.engines import HFEngine
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     engine = HFEngine()

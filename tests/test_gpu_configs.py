@@ -18,7 +18,7 @@ ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nod
 
 @pytest.mark.parametrize("name", sorted(GPU))
 def test_gpu_config_is_set_for_gpus(name, tmp_path):
-    from espo_lightning.rollout.engines import VLLMEngine
+    from espo_lightning.engines import VLLMEngine
 
     cli = build(["--config", str(CONF / name), *ON_CPU, f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.strategy._timeout == GPU[name]  # Lightning's default is 30 minutes
@@ -35,7 +35,7 @@ def test_paper_config_kv_cache_holds_its_sequences(tmp_path):
     17,408 tokens, above the engine's minimum of 8 (at the old 0.5: 20 GB, 8 sequences)."""
     from transformers import Qwen3Config
 
-    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache, kv_bytes_per_token
+    from espo_lightning.engines.vllm_budget import check_kv_cache, kv_bytes_per_token
 
     cli = build(["--config", str(CONF / "espo_qwen3_math.yaml"), *ON_CPU, f"--trainer.default_root_dir={tmp_path}"])
     engine = cli.datamodule.engine

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from espo_lightning.cli import TRAINER_DEFAULTS, ESPOLightningCLI
-from espo_lightning.module import PolicyModule
+from espo_lightning.training.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
 from espo_lightning.rollout.rewarding import combined_rewards
 

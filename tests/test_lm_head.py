@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from espo_lightning.lm_head import HeadNotReached, _FusedHeadLogprobs, fused_completion_stats, fusion_blocker
+from espo_lightning.policy.lm_head import HeadNotReached, _FusedHeadLogprobs, fused_completion_stats, fusion_blocker
 from espo_lightning.rollout.tensors import build_rollout_batch
-from espo_lightning.scoring import TokenScorer, position_ids, sequence_logprobs, sequence_logprobs_and_entropy
+from espo_lightning.policy.scoring import TokenScorer, position_ids, sequence_logprobs, sequence_logprobs_and_entropy
 
 
 def _model(tie: bool, vocab: int = 97, seed: int = 0):
@@ -117,7 +117,7 @@ def test_heads_that_cannot_be_fused_fall_back_with_one_log_line(caplog):
     assert "final_logit_softcapping" in fusion_blocker(model)
     batch = _batch(model.config.vocab_size)
     scorer = TokenScorer(chunk_size=4)
-    with caplog.at_level(logging.WARNING, logger="espo_lightning.scoring"):
+    with caplog.at_level(logging.WARNING, logger="espo_lightning.policy.scoring"):
         first = scorer.logprobs(model, batch)
         scorer.logprobs(model, batch)
     assert sum("fused LM head off" in r.message for r in caplog.records) == 1

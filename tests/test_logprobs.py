@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from espo_lightning.logprobs import token_logprobs, token_logprobs_and_entropy
+from espo_lightning.policy.logprobs import token_logprobs, token_logprobs_and_entropy
 
 
 def naive(logits, targets, temperature=1.0):

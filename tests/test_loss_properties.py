@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from espo_lightning.advantages import group_advantages
+from espo_lightning.rollout.advantages import group_advantages
 from espo_lightning.losses import CISPOLoss, ESPOLoss, GMPOLoss, GRPOLoss, GSPOLoss
 from grouping_reference import reference_groups
 

@@ -3,7 +3,7 @@ one training step saves for its backward (``torch.autograd.graph.saved_tensors_h
 
 A minibatch of 16 responses of 256 tokens in micro-batches of 8: one micro-batch's fp32 logits
 would be 8 x 256 x 151,936 x 4 B = 1.16 GiB, and the logits path saves exactly such a tensor for
-its backward. The fused LM head (``espo_lightning.lm_head``) saves the final hidden states, the
+its backward. The fused LM head (``espo_lightning.policy.lm_head``) saves the final hidden states, the
 head's weight and the targets instead, so nothing of size [B, T, V] is ever kept. This replaces a
 512-token decode of 128 rows whose peak RSS was compared with 4 GiB (minutes, and the machine's
 allocator decided the number); the saved bytes are the same on every machine."""
@@ -32,9 +32,9 @@ class _Serve(L.LightningDataModule):
 
 def _saved_by_one_step(model_dir: str, **module_kwargs) -> list[tuple[tuple[int, ...], int]]:
     """(shape, bytes) of every tensor saved for backward during one real training step."""
-    from espo_lightning.advantages import group_advantages
+    from espo_lightning.rollout.advantages import group_advantages
     from espo_lightning.losses import ESPOLoss
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from espo_lightning.rollout.tensors import build_rollout_batch
 
     module = PolicyModule(model_dir, loss=ESPOLoss(), micro_batch_size=MICRO, **module_kwargs)

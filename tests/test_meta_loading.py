@@ -1,4 +1,4 @@
-"""Loading under FSDP2 on several ranks without a full copy of the model on each (``espo_lightning.loading``).
+"""Loading under FSDP2 on several ranks without a full copy of the model on each (``espo_lightning.policy.loading``).
 
 Two real processes (gloo) run ``PolicyModule.configure_model`` under a stand-in trainer whose
 strategy is a ``ModelParallelStrategy`` over both ranks (what ``configure_model`` reads of ``fit``'s
@@ -84,7 +84,7 @@ def worker(mode: str, model_dir: str, out_dir: str, reference_dir: str = "") -> 
     from transformers import AutoModelForCausalLM
 
     from espo_lightning.losses import ESPOLoss
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
 
     class Strategy(ModelParallelStrategy):
         root_device = torch.device("cpu")
@@ -102,7 +102,7 @@ def worker(mode: str, model_dir: str, out_dir: str, reference_dir: str = "") -> 
     module._trainer = Trainer()
     module._device_mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     # modules the load imports (a fixed cost, not the model's)
-    import espo_lightning.loading as _loading  # noqa: F401
+    import espo_lightning.policy.loading as _loading  # noqa: F401
     import torch.distributed.fsdp as _fsdp  # noqa: F401
     import transformers.models.qwen3.modeling_qwen3 as _qwen3  # noqa: F401
 
@@ -187,7 +187,7 @@ def test_reader_reads_row_ranges_of_sharded_files_into_any_dtype(tmp_path):
     the file's dtype or converted into another (through the scratch buffer), and 0-dim tensors."""
     from safetensors.torch import save_file
 
-    from espo_lightning.loading import SafetensorsReader
+    from espo_lightning.policy.loading import SafetensorsReader
 
     a = torch.randn(7, 3, 5, dtype=torch.bfloat16)
     b, c = torch.arange(10, dtype=torch.int64), torch.tensor(2.5)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from espo_lightning.losses import CISPOLoss, ESPOLoss, GMPOLoss, GRPOLoss, GSPOLoss
 from espo_lightning.losses.base import Normalizer
-from espo_lightning.micro_batches import is_every_row, is_one_pass, plan_micro_batches
+from espo_lightning.training.micro_batches import is_every_row, is_one_pass, plan_micro_batches
 
 
 # ----- the plan --------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ class _Outputs(L.Callback):
 def _scored_batch(model_dir: str):
     """Responses of 1 to 5 tokens under prompts of 4 to 6 tokens, old log-probs perturbed so that
     ESPO clips part of the batch."""
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from rollout_toys import toy_rollout
 
     module = PolicyModule(model_dir, loss=ESPOLoss())
@@ -187,7 +187,7 @@ def _scored_batch(model_dir: str):
 
 
 def _train(model_dir, batch, **module_kwargs):
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
 
     module = PolicyModule(model_dir, loss=ESPOLoss(), optimizer=lambda p: torch.optim.SGD(p, lr=20.0), **module_kwargs)
     outputs = _Outputs()
@@ -222,7 +222,7 @@ def test_clipping_with_the_shared_norm_equals_lightnings_clipping(tiny_model_dir
     """The module clips by the gradient norm it computed once for the step (and that
     GradientUtilizationMonitor logs); Lightning's own ``clip_gradients`` computes it again. Both
     must give the same weights, bit for bit, with a clip value that really clips."""
-    import espo_lightning.grad_norm as module_file
+    import espo_lightning.training.grad_norm as module_file
 
     batch = _scored_batch(tiny_model_dir)
     shared, _ = _train(tiny_model_dir, batch)
@@ -233,7 +233,7 @@ def test_clipping_with_the_shared_norm_equals_lightnings_clipping(tiny_model_dir
 
 
 def test_shared_norm_is_refused_where_lightning_clips_otherwise():
-    from espo_lightning.grad_norm import can_clip_with_norm
+    from espo_lightning.training.grad_norm import can_clip_with_norm
 
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.ones(3)

@@ -35,7 +35,7 @@ class _Ratios(L.Callback):
 def _fit(model_dir: str, precision: str, epochs: int = 2, strategy=None, devices: int = 1, ppo_epochs: int = 2,
          **module_kwargs):
     from espo_lightning.losses import ESPOLoss
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from espo_lightning.rewards import exact_match
     from espo_lightning.rollout.datamodule import RolloutDataModule
     from espo_lightning.tasks.addition import AdditionSource
@@ -88,7 +88,7 @@ def worker(model_dir: str, out: str) -> None:
     """FSDP2 on 2 ranks (gloo), bf16-mixed: every rank writes its steps' ratios."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from espo_lightning.distributed import shutdown
+    from espo_lightning.run.distributed import shutdown
 
     for ppo_epochs in (2, 1):  # scored up front; scored by the first update (with padding passes)
         trainer, steps = _fit(model_dir, "bf16-mixed", devices=2, ppo_epochs=ppo_epochs,

@@ -11,11 +11,11 @@ import torch
 
 from espo_lightning.data.source import PromptSource
 from espo_lightning.losses import ESPOLoss
-from espo_lightning.module import PolicyModule
+from espo_lightning.training.module import PolicyModule
 from espo_lightning.rewards import exact_match
 from espo_lightning.rollout.datamodule import RolloutDataModule
-from espo_lightning.rollout.engines import HFEngine
-from espo_lightning.rollout.prompts import PromptEncoder, completions_for_rewards
+from espo_lightning.engines import HFEngine
+from espo_lightning.data.prompts import PromptEncoder, completions_for_rewards
 from espo_lightning.rollout.rewarding import Rewarder
 from espo_lightning.tasks.addition import AdditionSource
 

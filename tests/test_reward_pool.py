@@ -109,9 +109,9 @@ def test_a_rollout_counts_timeouts_for_the_logs(tiny_model_dir):
     is counted in the rollout stats, and RolloutMonitor logs the fraction as reward/timeout_frac."""
     from callbacks.rollout import RolloutMonitor
     from espo_lightning.losses import ESPOLoss
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from espo_lightning.rollout.datamodule import RolloutDataModule
-    from espo_lightning.rollout.engines import HFEngine
+    from espo_lightning.engines import HFEngine
     from espo_lightning.tasks.addition import AdditionSource
 
     module = PolicyModule(tiny_model_dir, loss=ESPOLoss())

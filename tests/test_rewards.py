@@ -185,7 +185,7 @@ def test_unparseable_gold_scores_none_with_one_warning_and_check_rows_names_the_
 
 def test_empty_completion_gets_a_negative_advantage_when_group_mates_answer():
     """Under math_accuracy alone, a policy that stops answering is penalised like a wrong answer."""
-    from espo_lightning.advantages import group_advantages, rewards_to_tensor
+    from espo_lightning.rollout.advantages import group_advantages, rewards_to_tensor
 
     rewards = math_accuracy(prompts=None, completions=["\\boxed{4}", "", "The answer is 4.", "I am not sure."],
                             answer=["4"] * 4)

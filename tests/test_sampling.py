@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from espo_lightning.advantages import group_advantages
+from espo_lightning.rollout.advantages import group_advantages
 from espo_lightning.rollout.sampling import Groups, sample_rounds
 
 G = 2

@@ -20,9 +20,9 @@ def _rank(rank: int, world: int, rendezvous: str, model_dir: str, out: str) -> N
 
     import reward_toys
     from espo_lightning.losses import ESPOLoss
-    from espo_lightning.module import PolicyModule
+    from espo_lightning.training.module import PolicyModule
     from espo_lightning.rollout.datamodule import RolloutDataModule
-    from espo_lightning.rollout.engines import HFEngine
+    from espo_lightning.engines import HFEngine
     from espo_lightning.tasks.addition import AdditionSource
 
     # a rendezvous file, not a port found free and released (another process could take it between)

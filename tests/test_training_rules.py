@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from espo_lightning.checkpointing import RolloutCheckpoint
+from espo_lightning.run.checkpointing import RolloutCheckpoint
 from espo_lightning.errors import ConfigError
 from espo_lightning.losses import ESPOLoss, GRPOLoss
-from espo_lightning.module import PolicyModule
+from espo_lightning.training.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
 from espo_lightning.tasks.addition import AdditionSource
 from rollout_toys import toy_rollout

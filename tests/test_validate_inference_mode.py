@@ -15,7 +15,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.vllm]
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-VLLM = ["--data.engine", "espo_lightning.rollout.engines.VLLMEngine", "--data.engine.init_args.max_model_len", "64",
+VLLM = ["--data.engine", "espo_lightning.engines.VLLMEngine", "--data.engine.init_args.max_model_len", "64",
         "--data.engine.init_args.dtype", "auto", "--data.engine.init_args.enforce_eager", "true"]
 
 

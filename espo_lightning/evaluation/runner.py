@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from espo_lightning.evaluation.metrics import ProblemResult
 from espo_lightning.evaluation.sets import EvalSpec, problem_seed
-from espo_lightning.rollout.engines.base import Generation
-from espo_lightning.rollout.prompts import completions_for_rewards
+from espo_lightning.engines.base import Generation
+from espo_lightning.data.prompts import completions_for_rewards
 
 
 @dataclass

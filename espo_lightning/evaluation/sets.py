@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
-from espo_lightning.rollout.engines.base import Sampling
+from espo_lightning.engines.base import Sampling
 
 SINGLE = "val"  # the name of a set given as one source; its metrics carry no set name (val/accuracy)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -21,17 +21,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from espo_lightning.advantages import group_advantages, rewards_to_tensor
+from espo_lightning.rollout.advantages import group_advantages, rewards_to_tensor
 from espo_lightning.data.source import PromptSource
 from espo_lightning.errors import ConfigError
 from espo_lightning.evaluation import EvalSet, Evaluator, resolve_sets
 from espo_lightning.rollout import minibatching, resume
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
-from espo_lightning.rollout.engines.base import RolloutEngine, Sampling
-from espo_lightning.rollout.engines.hf import HFEngine
+from espo_lightning.engines.base import RolloutEngine, Sampling
+from espo_lightning.engines.hf import HFEngine
 from espo_lightning.rollout.loaders import Items, RolloutLoader
 from espo_lightning.rollout.mismatch import apply_tis
-from espo_lightning.rollout.prompts import PromptEncoder, completions_for_rewards, drop_overlong
+from espo_lightning.data.prompts import PromptEncoder, completions_for_rewards, drop_overlong
 from espo_lightning.rollout.rewarding import Rewarder
 from espo_lightning.rollout.sampling import Groups, SampledRollout, sample_rounds
 from espo_lightning.rollout.stats import RolloutStats, rollout_stats

@@ -2,14 +2,13 @@
 
 The cut is a seeded shuffle per pass, a pure function of (rows, epoch, seed): the rollout's scoring
 reads the first pass's minibatches before they are served (the first one scores itself,
-``espo_lightning.old_policy``), and a resumed run must cut the same ones again."""
+``espo_lightning.training.old_policy``), and a resumed run must cut the same ones again."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from espo_lightning.old_policy import only_deferred_marked
 from espo_lightning.rollout.batch import RolloutBatch
 
 
@@ -28,3 +27,12 @@ def serve(batch: RolloutBatch, passes: list[list[torch.Tensor]]) -> list[Rollout
     """The minibatches in serving order, each trimmed to its own widths."""
     device = batch.input_ids.device
     return only_deferred_marked([batch.select(idx.to(device)).trimmed() for one_pass in passes for idx in one_pass])
+
+
+def only_deferred_marked(minibatches: list[RolloutBatch]) -> list[RolloutBatch]:
+    """The served minibatches, with the ``unscored`` marker kept only on the one holding deferred
+    rows: checked once per rollout here, so ``training_step`` reads ``None`` without a host sync."""
+    for b in minibatches:
+        if b.unscored is not None and not bool(b.unscored.any()):
+            b.unscored = None
+    return minibatches

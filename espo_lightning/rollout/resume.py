@@ -14,7 +14,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from espo_lightning.checkpointing import rng_state, set_rng_state
+from espo_lightning.run.checkpointing import rng_state, set_rng_state
 from espo_lightning.errors import ConfigError
 from espo_lightning.rollout.batch import RolloutBatch
 from espo_lightning.rollout.stats import RolloutStats

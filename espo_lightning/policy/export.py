@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from espo_lightning.sharding import full_state_dict
+from espo_lightning.policy.sharding import full_state_dict
 
 
 def export_policy(module, path: str) -> None:

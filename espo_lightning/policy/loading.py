@@ -6,7 +6,7 @@
 1. ``build_empty`` builds the model from its config with every *parameter* on the meta device (no
    memory, no random init) while *buffers* are computed on the CPU as usual: the non-persistent
    ones (rotary ``inv_freq``, ...) are in no checkpoint, so they must come from the constructor.
-2. ``espo_lightning.sharding`` applies ``fully_shard`` to the meta model (each rank's parameters
+2. ``espo_lightning.policy.sharding`` applies ``fully_shard`` to the meta model (each rank's parameters
    become meta ``DTensor`` shards).
 3. ``load_into_shards`` allocates each rank's shards (``to_empty``), puts the constructor's
    buffers back, and streams the checkpoint from rank 0: rank 0 reads each tensor in pieces of

@@ -16,7 +16,7 @@ def _is_model_parallel(module) -> bool:
 
 def streams_weights(module) -> bool:
     """Whether ``configure_model`` builds the models empty and streams their weights into the shards
-    (``espo_lightning.loading``): FSDP2 over more than one rank. One process and DDP load as usual."""
+    (``espo_lightning.policy.loading``): FSDP2 over more than one rank. One process and DDP load as usual."""
     return _is_model_parallel(module) and module.trainer.world_size > 1
 
 

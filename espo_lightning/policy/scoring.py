@@ -2,18 +2,18 @@
 sampled completion tokens, and the old policy's entropies.
 
 ``TokenScorer`` is what the trainer uses: it goes through the fused LM head
-(``espo_lightning.lm_head``: no ``[B, T, V]`` logits, only valid completion positions reach the
+(``espo_lightning.policy.lm_head``: no ``[B, T, V]`` logits, only valid completion positions reach the
 head) and falls back to the logits path below for a model whose head it cannot reach, with one log
 line. The logits path keeps only the completion positions' logits (``logits_to_keep``) and runs
-log-softmax in chunks (``espo_lightning.logprobs``)."""
+log-softmax in chunks (``espo_lightning.policy.logprobs``)."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from espo_lightning.lm_head import HeadNotReached, fused_completion_stats, fusion_blocker
-from espo_lightning.logprobs import CHUNK_ELEMENTS, token_logprobs, token_logprobs_and_entropy
+from espo_lightning.policy.lm_head import HeadNotReached, fused_completion_stats, fusion_blocker
+from espo_lightning.policy.logprobs import CHUNK_ELEMENTS, token_logprobs, token_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
 

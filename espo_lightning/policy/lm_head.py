@@ -19,7 +19,7 @@ forward; FSDP2's pre-backward hook on the model's output unshards it again befor
 A model whose head is not a plain ``nn.Linear`` over the final hidden states (logit soft-capping,
 logit scaling, a quantised head) cannot be fused: ``fusion_blocker`` names the reason up front, and a
 model that post-processes the head's output anyway is caught at run time (its output is not the
-tensor the swapped head returned). Either way ``espo_lightning.scoring`` falls back to the logits
+tensor the swapped head returned). Either way ``espo_lightning.policy.scoring`` falls back to the logits
 path and logs one line saying so.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from espo_lightning.logprobs import chunk_logprobs_and_entropy, shifted_logits
+from espo_lightning.policy.logprobs import chunk_logprobs_and_entropy, shifted_logits
 
 # Config attributes of models that transform the head's logits before returning them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scaling")

@@ -1,7 +1,7 @@
 """The rollout engine interface: turn prompt token ids into sampled completions.
 
-Engines are chosen in YAML by ``class_path`` (``espo_lightning.rollout.engines.HFEngine`` or
-``espo_lightning.rollout.engines.VLLMEngine``). The DataModule calls ``sync_weights`` before every
+Engines are chosen in YAML by ``class_path`` (``espo_lightning.engines.HFEngine`` or
+``espo_lightning.engines.VLLMEngine``). The DataModule calls ``sync_weights`` before every
 rollout so the engine samples from the current policy, then ``generate``."""
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def check_cpu_reload(config) -> None:
     if experts:
         raise ConfigError(f"VLLMEngine: the CPU build of vLLM cannot reload the weights of a mixture-of-experts model "
                           f"in place ({type(config).__name__}, {experts} experts), so it could never sample from the "
-                          "trained policy; use espo_lightning.rollout.engines.HFEngine on CPU (GPU builds reload them)")
+                          "trained policy; use espo_lightning.engines.HFEngine on CPU (GPU builds reload them)")
 
 
 def tp_subgroup(tp: int):

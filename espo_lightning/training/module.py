@@ -17,19 +17,19 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from espo_lightning.attention import resolve_attn_implementation
-from espo_lightning.checkpoint_keys import check_keys, drop_reference, skip_reference
-from espo_lightning.cpu_heap import retain_freed_heap
+from espo_lightning.policy.attention import resolve_attn_implementation
+from espo_lightning.training.checkpoint_keys import check_keys, drop_reference, skip_reference
+from espo_lightning.training.cpu_heap import retain_freed_heap
 from espo_lightning.errors import ConfigError
-from espo_lightning.grad_norm import clip_with_shared_norm, total_grad_norm
-from espo_lightning.log_writer import show_reward, step_is_logged, write_metrics
+from espo_lightning.training.grad_norm import clip_with_shared_norm, total_grad_norm
+from espo_lightning.training.log_writer import show_reward, step_is_logged, write_metrics
 from espo_lightning.losses import ESPOLoss, PolicyLoss
 from espo_lightning.losses.base import Normalizer
-from espo_lightning.micro_batches import is_one_pass, plan_micro_batches
-from espo_lightning.old_policy import fill_old_policy, is_unscored, score_rollout
-from espo_lightning.policy_setup import check_optimizer, disable_dropout
+from espo_lightning.training.micro_batches import is_one_pass, plan_micro_batches
+from espo_lightning.training.old_policy import fill_old_policy, is_unscored, score_rollout
+from espo_lightning.policy.policy_setup import check_optimizer, disable_dropout
 from espo_lightning.rollout.batch import RolloutBatch, ServedBatch, unwrap
-from espo_lightning.scoring import TokenScorer
+from espo_lightning.policy.scoring import TokenScorer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +56,7 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         attn_implementation: Passed to ``from_pretrained`` (e.g. "sdpa", "flash_attention_2"). "auto":
             "flash_attention_2" on a GPU with the ``flash_attn`` package (varlen kernels, no padding
-            mask), else "sdpa" (``espo_lightning.attention``).
+            mask), else "sdpa" (``espo_lightning.policy.attention``).
         trust_remote_code: Passed to ``from_pretrained``.
         micro_batch_size: Responses per forward/backward pass on a rank; one optimizer step still
             covers the whole minibatch (``data.minibatch_size``), with gradients accumulated over its
@@ -80,7 +80,7 @@ class PolicyModule(L.LightningModule):
             when fit ends; transformers and vLLM load the folder directly. A relative path is taken
             inside the run's log folder (next to its checkpoints and config.yaml).
         retain_cpu_heap: For a policy on the CPU under glibc, keep freed heap memory for the next
-            step instead of returning it to the OS after every backward (``espo_lightning.cpu_heap``:
+            step instead of returning it to the OS after every backward (``espo_lightning.training.cpu_heap``:
             process-wide, up to 64 MiB per malloc arena kept; 5% of a small model's CPU loop).
     """
 
@@ -144,12 +144,12 @@ class PolicyModule(L.LightningModule):
 
     def _load(self, path: str, empty: bool = False):
         """The causal LM at ``path``; ``empty``: built from its config without weights (meta
-        parameters) for ``espo_lightning.loading.load_into_shards`` to fill after sharding."""
+        parameters) for ``espo_lightning.policy.loading.load_into_shards`` to fill after sharding."""
         from transformers import AutoModelForCausalLM
 
         kwargs = self._load_kwargs()
         if empty:
-            from espo_lightning.loading import build_empty
+            from espo_lightning.policy.loading import build_empty
 
             return build_empty(path, **kwargs)
         try:
@@ -166,12 +166,12 @@ class PolicyModule(L.LightningModule):
     def configure_model(self) -> None:
         """Builds the models here so sharding (FSDP2 ``fully_shard``) is a strategy choice. Under FSDP2
         on several ranks they are built empty, sharded, then filled from rank 0's read of the
-        checkpoint (``espo_lightning.loading``): no rank holds a full copy of the weights."""
+        checkpoint (``espo_lightning.policy.loading``): no rank holds a full copy of the weights."""
         if self.policy is not None:
             return
         from transformers import AutoTokenizer
 
-        from espo_lightning.sharding import shard_models, streams_weights
+        from espo_lightning.policy.sharding import shard_models, streams_weights
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
         if self.tokenizer.pad_token is None:
@@ -189,7 +189,7 @@ class PolicyModule(L.LightningModule):
             self.reference = self._load(self.reference_path, empty).eval().requires_grad_(False)
         shard_models(self)
         if empty:
-            from espo_lightning.loading import load_into_shards
+            from espo_lightning.policy.loading import load_into_shards
 
             for model, path in ((self.policy, self.model_name_or_path), (self.reference, self.reference_path)):
                 if model is not None:
@@ -231,7 +231,7 @@ class PolicyModule(L.LightningModule):
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    # ----- rollout scoring (called by the DataModule, no grad; espo_lightning.old_policy) ------
+    # ----- rollout scoring (called by the DataModule, no grad; espo_lightning.training.old_policy) ------
     def score_rollout(self, batch: RolloutBatch, minibatches: list[torch.Tensor] | None = None,
                       defer_first: bool = False) -> RolloutBatch:
         """The rollout's old-policy statistics; see ``old_policy.score_rollout`` (``defer_first``)."""
@@ -398,7 +398,7 @@ class PolicyModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.export_dir:
-            from espo_lightning.export import export_policy
+            from espo_lightning.policy.export import export_policy
 
             target = Path(self.export_dir)
             if not target.is_absolute() and self.trainer.log_dir:

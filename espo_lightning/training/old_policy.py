@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from espo_lightning.micro_batches import is_every_row
+from espo_lightning.training.micro_batches import is_every_row
 from espo_lightning.rollout.batch import RolloutBatch
 
 
@@ -56,15 +56,6 @@ def score_rollout(module, batch: RolloutBatch, minibatches: list[torch.Tensor] |
         batch.unscored = torch.zeros(len(batch), dtype=torch.bool, device=old.device)
         batch.unscored[minibatches[0].to(old.device)] = True
     return batch
-
-
-def only_deferred_marked(minibatches: list[RolloutBatch]) -> list[RolloutBatch]:
-    """The served minibatches, with the ``unscored`` marker kept only on the one holding deferred
-    rows: checked once per rollout here, so ``training_step`` reads ``None`` without a host sync."""
-    for b in minibatches:
-        if b.unscored is not None and not bool(b.unscored.any()):
-            b.unscored = None
-    return minibatches
 
 
 def is_unscored(batch: RolloutBatch) -> bool:

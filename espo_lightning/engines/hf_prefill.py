@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from espo_lightning.rollout.engines.base import Sampling
+from espo_lightning.engines.base import Sampling
 
 
 @dataclass
@@ -27,7 +27,7 @@ class SharedPrefill:
         """One forward over the left-padded prompts (None where the model's cache cannot be
         repeated). Positions skip the left padding, as ``generate`` computes them; only the last
         position's logits are kept (all of them would be ``[P, prompt length, V]`` at V = 151,936)."""
-        from espo_lightning.scoring import position_ids
+        from espo_lightning.policy.scoring import position_ids
 
         out = policy(input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention),
                      use_cache=True, logits_to_keep=1)

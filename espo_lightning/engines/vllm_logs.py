@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from espo_lightning.rollout.engines.vllm_weights import is_rotary_notice
+from espo_lightning.engines.vllm_weights import is_rotary_notice
 
 
 class _QuietReload(logging.Filter):

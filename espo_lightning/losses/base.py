@@ -205,6 +205,33 @@ class PolicyLoss(torch.nn.Module, metaclass=abc.ABCMeta):
         ESPO returns the entropy group ids ``[B, T]``; the other losses need nothing and return None."""
         return None
 
+    def prepare_minibatch(
+        self,
+        *,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        entropies: Tensor | None = None,
+        group_ids: Tensor | None = None,
+        step: int = 0,
+        distributed: bool | None = None,
+    ) -> Tensor | None:
+        """Per-minibatch precomputation, once per optimizer step on every rank, before the minibatch is
+        cut into micro-batches; the result is passed, row-sliced, to every ``forward`` of the step as
+        ``group_ids``. Losses that choose tokens over the whole minibatch on all ranks (Clip-Cov,
+        KL-Cov, the high-entropy mask: ``losses/selection.py``) do it here, with collectives over the
+        default process group when ``distributed`` (None: when one of more than one rank is up).
+
+        Args:
+            old_logprobs, advantages, mask, entropies: this rank's whole minibatch (``[B, T]``,
+                advantages ``[B]`` or ``[B, T]``).
+            group_ids: what ``prepare`` gave for these rows (ESPO's entropy groups), or None.
+            step: the optimizer step, for selections drawn at random (a new seed each step).
+            distributed: reduce over ranks; None decides by ``torch.distributed``'s state.
+
+        The default passes ``group_ids`` through unchanged."""
+        return group_ids
+
     @property
     def prepares_per_response(self) -> bool:
         """Whether ``prepare`` looks at each response on its own, so that rows of a rollout can be

@@ -242,6 +242,11 @@ class PolicyModule(L.LightningModule):
         batch = unwrap(batch)
         self._grad_norm = None  # (norm,) once computed for this step's gradients
         counts = self._global_counts(batch.completion_mask)
+        # Token choices over the whole minibatch on every rank (Clip-Cov, KL-Cov, the high-entropy
+        # mask: PolicyLoss.prepare_minibatch); they travel row-sliced with each micro-batch.
+        batch.group_ids = self.loss_fn.prepare_minibatch(
+            old_logprobs=batch.old_logprobs, advantages=batch.advantages, mask=batch.completion_mask,
+            entropies=batch.entropies, group_ids=batch.group_ids, step=self.global_step)
         plan = self._equalised(self.micro_batches(batch))
         # DDP and FSDP2 average gradients over ranks; every rank's loss is already divided by the
         # global counts, so the sum over ranks is the loss whose gradient the step should take.

@@ -17,7 +17,8 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-def run_cli(subcommand: str, model_dir: str, root: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_cli(subcommand: str, model_dir: str, root: Path, *extra: str,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """One rollout of 4 prompts x 4 completions, 8 validation problems (seconds on a CPU)."""
     args = [sys.executable, "-m", "espo_lightning", subcommand, "--config", str(REPO / "conf/quickstart.yaml"),
             "--model.model_name_or_path", model_dir, "--model.model_builder", "null",
@@ -25,7 +26,8 @@ def run_cli(subcommand: str, model_dir: str, root: Path, *extra: str) -> subproc
             "--trainer.enable_progress_bar", "false", "--data.prompts_per_rollout", "4",
             "--data.num_generations", "4", "--data.minibatch_size", "8",
             "--data.val_data.init_args.num_problems", "8", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = os.environ if env is None else env
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(args, cwd=TESTS, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -49,6 +51,14 @@ def test_validate_last_prints_metrics_and_summary_path(tiny_model_dir, tmp_path)
     assert set(printed) == set(summary["metrics"]) >= {"val/accuracy", "val/response_len_mean", "val/truncated_frac"}
     for name, value in summary["metrics"].items():
         assert printed[name] == round(value, 4), (name, out)
+
+    # two ranks (the second one's stdout is the same pipe): the table and the path once, from rank 0
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT", "NODE_RANK", "LOCAL_WORLD_SIZE")}
+    out = run_cli("validate", tiny_model_dir, root, "--ckpt_path", "last", "--trainer.devices", "2",
+                  "--trainer.strategy", "ddp", env=env).stdout
+    assert len(re.findall(r"^eval_summary\.json: ", out, flags=re.M)) == 1, out
+    assert len(re.findall(r"val/accuracy\s", out)) == 1, out
 
 
 def test_report_table_has_every_set_and_metric():

@@ -6,7 +6,7 @@ valid tokens of the minibatch, logp detached) and acts on the small fraction of 
 largest covariance:
 
 - **Clip-Cov**: among the tokens with ``cov_lb < cov_t < cov_ub``, a random ``clip_ratio`` fraction of
-  all valid tokens (at least one) gets zero gradient; the others keep the clipped PPO/GRPO term
+  all valid tokens (at least one; all candidates if fewer) gets zero gradient; the others keep the clipped PPO/GRPO term
   ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``. verl's defaults: 2e-4, bounds 1 and 5.
 - **KL-Cov**: the ``kl_cov_ratio`` fraction of valid tokens (at least one) with the largest ``cov_t``
   get ``-r A + kl_coef |logp - old_logp|``; the others ``-r A``, unclipped, as in the paper and verl

@@ -88,7 +88,7 @@ class SAPOLoss(PolicyLoss):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x = canonical_inputs("SAPOLoss", logprobs, old_logprobs, advantages, mask)
         ratio = torch.exp(token_log_ratio(x.logp, x.old_logp))  # [B, T], value r_t, grad r_t dlogp
-        tau = torch.where(x.adv > 0, self.tau_pos, self.tau_neg)  # [B, 1] or [B, T]
+        tau = torch.where(x.adv > 0, x.adv.new_tensor(self.tau_pos), x.adv.new_tensor(self.tau_neg))  # [B, 1] or [B, T]
         weights = token_weights(x, normalizer, self.loss_aggregation)  # [B, T], 0 off-mask
         loss = (-sapo_gate(ratio, tau) * x.adv * weights).sum()
 

@@ -30,11 +30,12 @@ def _all_sum(values: Tensor, distributed: bool) -> Tensor:
     return values
 
 
-def gather_1d(values: Tensor, distributed: bool) -> Tensor:
-    """The 1-D ``values`` of every rank, concatenated in rank order (ranks may hold different counts)."""
+def gather_1d(values: Tensor, distributed: bool) -> tuple[Tensor, int]:
+    """The 1-D ``values`` of every rank concatenated in rank order (ranks may hold different counts),
+    and where this rank's part starts in it."""
     if not distributed:
-        return values
-    world = dist.get_world_size()
+        return values, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
     size = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
@@ -43,7 +44,17 @@ def gather_1d(values: Tensor, distributed: bool) -> Tensor:
     padded[: values.numel()] = values
     parts = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def _mine(chosen: Tensor, offset: int, local: Tensor, shape_mask: Tensor) -> Tensor:
+    """A bool like ``shape_mask`` with the tokens ``local[chosen - offset]`` set, for the entries of
+    ``chosen`` (positions in the gathered pool) that fall in this rank's part of it."""
+    chosen = chosen - offset
+    chosen = chosen[(chosen >= 0) & (chosen < local.numel())]
+    out = torch.zeros(shape_mask.numel(), dtype=torch.bool, device=shape_mask.device)
+    out[local[chosen]] = True
+    return out.view(shape_mask.shape)
 
 
 def linear_quantile(values: Tensor, q: float) -> Tensor:
@@ -81,34 +92,39 @@ def token_covariance(advantages: Tensor, logprobs: Tensor, mask: Tensor, distrib
 @torch.no_grad()
 def random_draw(cov: Tensor, candidates: Tensor, count: int, generator: torch.Generator | None,
                 distributed: bool) -> Tensor:
-    """Clip-Cov's draw: ``count`` candidates chosen uniformly at random, as a bool ``[B, T]``.
+    """Clip-Cov's draw: ``min(count, candidates)`` of the candidate tokens of all ranks, uniformly at
+    random, as a bool ``[B, T]``.
 
-    The pool is the sorted distinct covariance values of the candidates of all ranks; ``count`` of
-    them are drawn by ``torch.randperm`` with ``generator`` (the same seed on every rank), and a token
-    is drawn when its value is. A token is thus labelled by its value rather than by its position,
-    which no row order or micro-batch cut can change. Tokens with exactly equal covariance are drawn
-    together (more than ``count`` in that case only). ``generator`` None uses torch's global one."""
-    pool = torch.unique(gather_1d(cov[candidates], distributed))  # sorted
+    A token is labelled by its place in the sorted pool of the candidates' covariance values of all
+    ranks, not by its row, so no row order or micro-batch cut changes the draw: ``torch.randperm``
+    with ``generator`` (the same seed on every rank) picks places in the pool. Only tokens of exactly
+    equal covariance are told apart by position (rank, then row-major order). ``generator`` None uses
+    torch's global generator."""
+    local = candidates.reshape(-1).nonzero().squeeze(-1)  # [n] flat indices of this rank's candidates
+    pool, offset = gather_1d(cov.reshape(-1)[local], distributed)
     if pool.numel() == 0 or count <= 0:
         return torch.zeros_like(candidates)
+    order = torch.sort(pool, stable=True).indices  # place in the sorted pool -> position in the pool
     device = generator.device if generator is not None else torch.device("cpu")
-    order = torch.randperm(pool.numel(), generator=generator, device=device)[:count]
-    return candidates & torch.isin(cov, pool[order.to(pool.device)])
+    places = torch.randperm(pool.numel(), generator=generator, device=device)[:count].to(pool.device)
+    return _mine(order[places], offset, local, candidates)
 
 
 @torch.no_grad()
 def top_count(cov: Tensor, mask: Tensor, count: int, distributed: bool) -> Tensor:
-    """KL-Cov's choice: the ``count`` valid tokens of all ranks with the largest ``cov``, as a bool
-    ``[B, T]`` (every token tied with the ``count``-th largest value included). Each rank sends only
-    its own ``count`` largest values: the global top ``count`` is among them."""
-    local = cov[mask]
+    """KL-Cov's choice: the ``count`` valid tokens of all ranks with the largest ``cov`` (all of them
+    if fewer), as a bool ``[B, T]``; exactly tied values are taken in (rank, row-major) order. Each
+    rank sends only its own ``count`` largest values: the global top ``count`` is among them."""
+    valid = mask.reshape(-1).nonzero().squeeze(-1)  # [n]
     if count <= 0:
         return torch.zeros_like(mask)
-    pool = gather_1d(local.topk(min(count, local.numel())).values, distributed)
+    ranked = torch.sort(cov.reshape(-1)[valid], descending=True, stable=True)
+    local = valid[ranked.indices[:count]]  # this rank's candidates for the top, best first
+    pool, offset = gather_1d(ranked.values[:count], distributed)
     if pool.numel() == 0:
         return torch.zeros_like(mask)
-    threshold = pool.topk(min(count, pool.numel())).values[-1]
-    return mask & (cov >= threshold)
+    top = torch.sort(pool, descending=True, stable=True).indices[:count]
+    return _mine(top, offset, local, mask)
 
 
 @torch.no_grad()
@@ -116,7 +132,7 @@ def high_entropy_tokens(entropies: Tensor, mask: Tensor, fraction: float, distri
     """The valid tokens whose entropy is at or above the ``1 - fraction`` quantile (linear
     interpolation) of the entropies of all valid tokens of all ranks, as a bool ``[B, T]``."""
     ent = entropies.detach().to(torch.float64)
-    pool = gather_1d(ent[mask], distributed)
+    pool, _ = gather_1d(ent[mask], distributed)
     if pool.numel() == 0:
         return torch.zeros_like(mask)
     return mask & (ent >= linear_quantile(pool, 1.0 - fraction))

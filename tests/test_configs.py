@@ -16,9 +16,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
                  "--trainer.strategy=auto", "--trainer.precision=32-true"]
 # Baselines are written to compose on top of the quickstart.
-OVERLAYS = {"gspo.yaml", "grpo.yaml", "dapo.yaml", "cispo.yaml"}
+OVERLAYS = {"gspo.yaml", "grpo.yaml", "dapo.yaml", "cispo.yaml", "sapo.yaml", "clip_cov.yaml", "kl_cov.yaml",
+            "entropy_mask.yaml"}
 # Files of `python -m espo_lightning.compare`, not trainer configs (their methods are built below).
-COMPARISONS = {"compare.yaml"}
+COMPARISONS = {"compare.yaml", "compare_entropy.yaml"}
 
 
 def build(args: list[str]) -> ESPOLightningCLI:
@@ -61,6 +62,37 @@ def test_every_method_of_the_comparison_instantiates(tmp_path, monkeypatch):
         assert type(cli.model.loss_fn).__name__ == losses[method], method
         assert cli.datamodule.drop_zero_std_groups == (method == "DAPO"), method
         assert type(cli.datamodule.train_data).__name__ == "ChainSource"
+
+
+def test_every_method_of_the_entropy_comparison_instantiates(tmp_path, monkeypatch):
+    """conf/compare_entropy.yaml (issue 31): six methods on the chained-addition task, 3 seeds, each
+    overlay selecting its loss with the paper's / verl's defaults."""
+    from espo_lightning.compare.plan import load_plan
+    from espo_lightning.losses import GRPOLoss
+
+    monkeypatch.chdir(CONF.parent)
+    plan = load_plan("conf/compare_entropy.yaml")
+    assert plan.seeds == [0, 1, 2]
+    losses = {"ESPO": "ESPOLoss", "GSPO": "GSPOLoss", "SAPO": "SAPOLoss", "Clip-Cov": "ClipCovLoss",
+              "KL-Cov": "KLCovLoss", "Entropy-mask": "HighEntropyMaskLoss"}
+    assert set(plan.methods) == set(losses)
+    for method, overlays in plan.methods.items():
+        configs = [arg for path in plan.base + overlays for arg in ("--config", path)]
+        cli = build(configs + plan.overrides + [f"--trainer.default_root_dir={tmp_path}"])
+        loss = cli.model.loss_fn
+        assert type(loss).__name__ == losses[method], method
+        assert type(cli.datamodule.train_data).__name__ == "ChainSource"
+        assert not cli.datamodule.drop_zero_std_groups, method
+        if method == "SAPO":
+            assert (loss.tau_pos, loss.tau_neg) == (1.0, 1.05)
+        if method == "Clip-Cov":
+            assert (loss.clip_ratio, loss.cov_lb, loss.cov_ub, loss.selection) == (2e-4, 1.0, 5.0, "minibatch")
+        if method == "KL-Cov":
+            assert (loss.kl_cov_ratio, loss.kl_coef, loss.ppo_clip) == (2e-4, 1.0, False)
+        if method == "Entropy-mask":
+            assert loss.top_entropy_quantile == 0.2 and isinstance(loss.loss, GRPOLoss)
+            assert (loss.loss.epsilon_high, loss.loss.loss_aggregation) == (0.28, "token_mean")
+            assert not loss.prepares_per_response  # the threshold needs every row before the step
 
 
 def test_paper_config_values():

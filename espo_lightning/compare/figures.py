@@ -65,6 +65,14 @@ def clip_fractions(out: Path, groups, smoothing: float) -> Path | None:
         ("clip/high", "High clip fraction (ratio > 1 + eps, A > 0)", "fraction of tokens")], smoothing)
 
 
+def entropy(out: Path, groups, smoothing: float) -> Path | None:
+    """Every method's mean token entropy of the old policy over training, one line each: entropy
+    collapse is what the entropy-aware methods (SAPO, Clip-Cov, KL-Cov, the entropy mask) exist to
+    prevent."""
+    return _figure(out / "entropy.png", groups, [
+        ("entropy/mean", "Mean token entropy of the sampling policy", "nats")], smoothing, width=6.4)
+
+
 def gradient_utilization(out: Path, groups, smoothing: float) -> Path | None:
     return _figure(out / "gradient_utilization.png", groups, [
         ("grad_util/token", "Tokens that carry gradient", "fraction of tokens"),
@@ -112,7 +120,7 @@ def entropy_and_clip(out: Path, groups, smoothing: float) -> Path | None:
     return path
 
 
-FIGURES = (accuracy, clip_fractions, entropy_and_clip, gradient_utilization, response_length, step_time)
+FIGURES = (accuracy, clip_fractions, entropy, entropy_and_clip, gradient_utilization, response_length, step_time)
 
 
 def render(out: Path, groups: dict[str, list[RunCurves]], smoothing: float) -> dict[str, Path]:

@@ -184,6 +184,8 @@ def write(out: Path, plan: ComparePlan, groups: dict[str, list[RunCurves]], figu
     captions = {
         "accuracy": "Validation accuracy (greedy, as measured) and training reward (smoothed) over rollouts (paper Fig. 3).",
         "clip_fractions": "Clip fractions per method, low and high (paper Fig. 4).",
+        "entropy": "Mean token entropy of the sampling policy per method over training (entropy collapse is what "
+                   "SAPO, Clip-Cov, KL-Cov and the entropy mask act against).",
         "entropy_and_clip": "ESPO's mean token entropy (left axis) and clip fraction (right axis) over training (paper Fig. 5).",
         "gradient_utilization": "Gradient utilisation: tokens and responses that carry gradient.",
         "response_length": "Mean response length.",

@@ -43,15 +43,22 @@ def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None) -> Iterat
     Under FSDP2 every rank must consume the whole iterator in the same order (``full_tensor`` is a
     collective). A tied head is sent too, under its own name: vLLM ties the parameter, but the CPU
     build packs a separate copy of the head's weight for its GEMM, refreshed only when the head
-    itself is reloaded."""
+    itself is reloaded. A PEFT (LoRA) policy sends its merged weights, ``W + scaling * B @ A``
+    computed out of place, under the base checkpoint's names (``espo_lightning.policy.lora``)."""
     from torch.distributed.tensor import DTensor
 
+    if hasattr(policy, "peft_config"):  # LoRA: the merged weights under the base's names (policy/lora.py)
+        from espo_lightning.policy.lora import merged_state
+
+        items, policy = merged_state(policy), policy.get_base_model()
+    else:
+        items = policy.state_dict().items()
     revert = None
     if _conversions(policy):
         from transformers.core_model_loading import revert_weight_conversion
 
         revert = revert_weight_conversion
-    for name, value in policy.state_dict().items():
+    for name, value in items:
         for prefix in WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
         value = value.detach()

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from espo_lightning.policy.attention import resolve_attn_implementation
+from espo_lightning.policy.lora import LoraSettings
 from espo_lightning.training.checkpoint_keys import check_keys, drop_reference, skip_reference
 from espo_lightning.training.cpu_heap import retain_freed_heap
 from espo_lightning.errors import ConfigError
@@ -82,6 +83,12 @@ class PolicyModule(L.LightningModule):
         retain_cpu_heap: For a policy on the CPU under glibc, keep freed heap memory for the next
             step instead of returning it to the OS after every backward (``espo_lightning.training.cpu_heap``:
             process-wide, up to 64 MiB per malloc arena kept; 5% of a small model's CPU loop).
+        lora: Train LoRA adapters on the frozen policy instead of every weight (needs ``peft``;
+            ``espo_lightning.policy.lora``, docs/lora.md). With ``beta > 0`` the KL reference is the
+            policy with its adapters off (no second model) unless ``reference_model`` names another
+            checkpoint. None: full fine-tuning.
+        export_merged: With ``lora`` and ``export_dir``: also write the merged model (base + adapters)
+            as a plain HF folder in ``<export_dir>/merged``, next to the adapter folder.
     """
 
     def __init__(
@@ -104,6 +111,8 @@ class PolicyModule(L.LightningModule):
         defer_grad_sync: bool = True,
         export_dir: str | None = None,
         retain_cpu_heap: bool = True,
+        lora: LoraSettings | None = None,
+        export_merged: bool = False,
     ):
         super().__init__()
         for key, value in (("logprob_chunk_size", logprob_chunk_size), ("micro_batch_size", micro_batch_size),
@@ -127,6 +136,8 @@ class PolicyModule(L.LightningModule):
         self.defer_grad_sync = defer_grad_sync
         self.export_dir = export_dir
         self.retain_cpu_heap = retain_cpu_heap
+        self.lora = lora
+        self.export_merged = export_merged
         self.policy = None
         self._grad_norm, self._trained = None, None  # this step's (norm,) (gradient_norm); configure_optimizers
         self.reference = None
@@ -177,7 +188,7 @@ class PolicyModule(L.LightningModule):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        empty = streams_weights(self)
+        empty = streams_weights(self) and self.lora is None  # LoRA: each rank loads the base, wraps, shards
         self.policy = self._load(self.model_name_or_path, empty).train()  # from_pretrained returns eval mode
         if self.disable_dropout:
             disable_dropout(self.policy)
@@ -185,15 +196,42 @@ class PolicyModule(L.LightningModule):
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(self.loss_fn, "vocab_size", 1) is None:
             self.loss_fn.set_vocab_size(self.policy.config.vocab_size)
-        if self.loss_fn.needs_reference:
+        if self.lora is not None:
+            from espo_lightning.policy.lora import wrap_policy
+
+            self.policy = wrap_policy(self.policy, self.lora)
+        if self.loss_fn.needs_reference and not self._reference_is_base():
             self.reference = self._load(self.reference_path, empty).eval().requires_grad_(False)
         shard_models(self)
+        if self.lora is not None:
+            self._configure_lora()
         if empty:
             from espo_lightning.policy.loading import load_into_shards
 
             for model, path in ((self.policy, self.model_name_or_path), (self.reference, self.reference_path)):
                 if model is not None:
                     load_into_shards(model, path, self.trainer.strategy.root_device, self._load_kwargs())
+
+    # ----- LoRA (espo_lightning.policy.lora) ---------------------------------------------------
+    def _reference_is_base(self) -> bool:
+        """With LoRA, the KL reference is the policy's own base (adapters off) unless
+        ``reference_model`` names another checkpoint."""
+        return self.lora is not None and self.reference_path == self.model_name_or_path
+
+    def _configure_lora(self) -> None:
+        from espo_lightning.policy.lora import AdaptersOff
+        from espo_lightning.training.checkpoint_keys import drop_frozen
+
+        if self.loss_fn.needs_reference and self._reference_is_base():
+            self.reference = AdaptersOff(self.policy)  # not a submodule: nothing to shard or save
+        # Checkpoints hold the adapters only; the frozen base is reloaded from model_name_or_path.
+        self.saved_policy_keys = self._saved_policy_keys()
+        self.register_state_dict_post_hook(drop_frozen)
+
+    def _saved_policy_keys(self) -> frozenset[str]:
+        from espo_lightning.policy.lora import trainable_keys
+
+        return trainable_keys(self.policy, prefix="policy.")
 
     def configure_optimizers(self):
         self._trained = [p for p in self.policy.parameters() if p.requires_grad]  # fixed from here on
@@ -408,5 +446,5 @@ class PolicyModule(L.LightningModule):
             target = Path(self.export_dir)
             if not target.is_absolute() and self.trainer.log_dir:
                 target = Path(self.trainer.log_dir) / target
-            export_policy(self, str(target))
+            export_policy(self, str(target), merged=self.export_merged)
 

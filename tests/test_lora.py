@@ -1,0 +1,193 @@
+"""LoRA (``model.lora``, ``espo_lightning.policy.lora``): only the adapters train and the optimizer
+holds only them; the KL reference is the policy with its adapters off, equal to loading the base as
+a separate model; the fused head works through the PEFT wrapper with the head frozen; engines get
+the merged weights under the base's names; checkpoints hold the adapters only and load strictly;
+export writes a PEFT adapter folder and a merged HF folder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from espo_lightning.errors import ConfigError  # noqa: E402
+from espo_lightning.losses import ESPOLoss  # noqa: E402
+from espo_lightning.policy.lora import LoraSettings  # noqa: E402
+
+
+def lora_module(model_dir: str, beta: float = 0.0, **lora):
+    from espo_lightning.training.module import PolicyModule
+
+    module = PolicyModule(model_dir, loss=ESPOLoss(beta=beta), lora=LoraSettings(r=4, **lora))
+    module.configure_model()
+    return module
+
+
+def train_adapters(policy, seed: int = 0) -> None:
+    """Give every adapter a non-zero update (B starts at 0, so a fresh adapter changes nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def scored(scorer, model, batch):
+    return scorer.logprobs_and_entropy(model, batch)[0]
+
+
+@pytest.mark.parametrize("kwargs, key", [({"r": 0}, "model.lora.r"), ({"alpha": 0}, "model.lora.alpha"),
+                                         ({"dropout": 1.0}, "model.lora.dropout"),
+                                         ({"target_modules": []}, "model.lora.target_modules")])
+def test_bad_settings_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        LoraSettings(**kwargs)
+
+
+def test_unknown_target_module_names_the_key(tiny_model_dir):
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        lora_module(tiny_model_dir, target_modules=["no_such_proj"])
+
+
+def test_only_adapters_train_and_the_optimizer_holds_only_them(tiny_model_dir):
+    module = lora_module(tiny_model_dir)
+    trained = {n for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    # all-linear: every projection of every block, not the head
+    assert any("q_proj.lora_A" in n for n in trained) and any("down_proj.lora_B" in n for n in trained)
+    assert not any("lm_head" in n for n in trained)
+    optimizer = module.configure_optimizers()
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.policy.parameters() if p.requires_grad}
+    assert module.reference is None  # beta = 0: no reference at all
+
+
+def test_reference_is_the_base_with_adapters_off_equal_to_a_separate_reference(tiny_model_dir):
+    """beta > 0 and LoRA: no second model is loaded; the reference log-probs are the policy's under
+    ``disable_adapter()``, exactly those of the base loaded as its own reference model."""
+    from rollout_toys import toy_rollout
+
+    from espo_lightning.training.module import PolicyModule
+
+    module = lora_module(tiny_model_dir, beta=0.1)
+    assert not isinstance(module.reference, torch.nn.Module)  # a view of the policy, nothing loaded
+    assert not any(k.startswith("reference.") for k in module.state_dict())
+    train_adapters(module.policy)
+    separate = PolicyModule(tiny_model_dir, loss=ESPOLoss(beta=0.1))
+    separate.configure_model()
+    batch = toy_rollout(tiny_model_dir)
+    module.score_rollout(batch)
+    ref_lora = batch.ref_logprobs.clone()
+    separate.score_rollout(batch)
+    assert torch.equal(ref_lora, batch.ref_logprobs)
+    # and the adapters are really on outside the reference pass
+    policy_lp = scored(module.scorer, module.policy, batch)
+    assert (policy_lp - ref_lora)[batch.completion_mask].abs().max() > 1e-3
+
+
+def test_fused_head_through_the_peft_wrapper_with_the_head_frozen(tiny_model_dir):
+    """The fused head finds the (frozen) head through the wrapper; its log-probs and the adapters'
+    gradients equal the logits path's."""
+    from rollout_toys import toy_rollout
+
+    from espo_lightning.policy.lm_head import fusion_blocker
+    from espo_lightning.policy.scoring import TokenScorer
+
+    module = lora_module(tiny_model_dir)
+    train_adapters(module.policy)
+    assert fusion_blocker(module.policy) is None
+    batch = toy_rollout(tiny_model_dir)
+    results = []
+    for fused in (True, False):
+        module.policy.zero_grad(set_to_none=True)
+        logp = TokenScorer(fused_head=fused).logprobs(module.policy, batch)
+        (logp * batch.completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+        results.append((logp.detach()[batch.completion_mask], grads))
+    (lp_f, g_f), (lp_l, g_l) = results
+    assert torch.allclose(lp_f, lp_l, atol=1e-5)
+    assert g_f.keys() == g_l.keys() and all(torch.allclose(g_f[k], g_l[k], atol=1e-5) for k in g_f)
+    assert module.policy.get_output_embeddings().weight.grad is None  # the head stays frozen
+
+
+def test_merged_weights_carry_the_base_names_and_equal_peft_merge(tiny_model_dir):
+    """What engines receive: the base checkpoint's names, values equal to PEFT's own merge, and the
+    base weights are left untouched (no in-place merge/unmerge)."""
+    import copy
+
+    from espo_lightning.engines.vllm_weights import engine_weights
+
+    module = lora_module(tiny_model_dir)
+    train_adapters(module.policy)
+    base_before = {k: v.clone() for k, v in module.policy.state_dict().items() if "lora_" not in k}
+    sent = dict(engine_weights(module.policy, None))
+    expected = copy.deepcopy(module.policy).merge_and_unload().state_dict()
+    assert set(sent) == set(expected)
+    assert max(float((sent[k] - expected[k]).abs().max()) for k in sent) < 1e-6
+    assert any(not torch.equal(sent[k], base_before["base_model.model." + k.replace(".weight", ".base_layer.weight")])
+               for k in sent if k.endswith("q_proj.weight"))
+    assert all(torch.equal(v, module.policy.state_dict()[k]) for k, v in base_before.items())
+    assert all(v.dtype == torch.bfloat16 for _, v in engine_weights(module.policy, torch.bfloat16))
+
+
+def test_hf_engine_samples_from_the_adapted_policy(tiny_model_dir):
+    """HFEngine generates with the PEFT model itself (adapters on), returning the processed
+    log-probs of what it sampled, equal to the trainer's."""
+    from espo_lightning.engines import HFEngine, Sampling
+
+    module = lora_module(tiny_model_dir)
+    train_adapters(module.policy, seed=1)
+    engine = HFEngine(batch_size=4, return_logprobs=True)
+    engine.setup(module.policy, module.tokenizer)
+    prompts = [module.tokenizer.encode("12+34="), module.tokenizer.encode("7+5=")]
+    gen = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_new_tokens=3, seed=0), module.policy)
+    with torch.no_grad():
+        for i, completion in enumerate(gen.token_ids):
+            ids = torch.tensor([prompts[i // 2] + completion])
+            logits = module.policy(input_ids=ids).logits[0, len(prompts[i // 2]) - 1 : -1]
+            mine = torch.log_softmax(logits.double(), -1).gather(-1, ids[0, len(prompts[i // 2]):, None])[:, 0]
+            assert torch.allclose(mine, torch.tensor(gen.logprobs[i], dtype=torch.double), atol=1e-4)
+
+
+def test_checkpoint_holds_only_the_adapters_and_loads_strictly(tiny_model_dir):
+    from espo_lightning.training.module import PolicyModule
+
+    module = lora_module(tiny_model_dir, beta=0.1)
+    train_adapters(module.policy)
+    state = module.state_dict()
+    trained = {"policy." + n for n, p in module.policy.named_parameters() if p.requires_grad}
+    assert set(state) == trained
+    checkpoint = {"state_dict": dict(state)}
+    module.on_save_checkpoint(checkpoint)
+    fresh = lora_module(tiny_model_dir, beta=0.1)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)  # the frozen base is not "missing"
+    for (name, a), b in zip(module.policy.state_dict().items(), fresh.policy.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a full fine-tune's checkpoint does not fit a LoRA module (and the error says so)
+    full = PolicyModule(tiny_model_dir)
+    full.configure_model()
+    with pytest.raises(ConfigError, match="unexpected key"):
+        fresh.on_load_checkpoint({"state_dict": full.state_dict()})
+
+
+def test_export_writes_an_adapter_folder_and_a_merged_folder(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from rollout_toys import toy_rollout
+    from transformers import AutoModelForCausalLM
+
+    from espo_lightning.policy.export import export_policy
+    from espo_lightning.policy.scoring import TokenScorer
+
+    module = lora_module(tiny_model_dir)
+    train_adapters(module.policy)
+    export_policy(module, str(tmp_path / "policy"), merged=True)
+    assert (tmp_path / "policy" / "adapter_config.json").exists()
+    assert not list((tmp_path / "policy").glob("model*.safetensors"))  # adapters only, not the base
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "policy")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy" / "merged")
+    batch = toy_rollout(tiny_model_dir)
+    scorer = TokenScorer()
+    expected = scored(scorer, module.policy, batch)
+    assert torch.equal(scored(scorer, adapter, batch), expected)
+    assert torch.allclose(scored(scorer, merged, batch), expected, atol=1e-5)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +93,9 @@ def worker(mode: str, model_dir: str, out_dir: str, reference_dir: str = "") -> 
         world_size = 2
         precision = "32-true"
 
-    dist.init_process_group("gloo")
+    # a rendezvous file, not a port found free and released (another process could take it between)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     rank = dist.get_rank()
     beta = 0.1 if mode == "reference" else 0.0
     module = PolicyModule(model_dir, loss=ESPOLoss(beta=beta), reference_model=reference_dir or None,
@@ -160,18 +161,11 @@ def worker(mode: str, model_dir: str, out_dir: str, reference_dir: str = "") -> 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(mode: str, model_dir: Path, out: Path, reference_dir: Path | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     drop = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
+    env.update(WORLD_SIZE="2", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, __file__, mode, str(model_dir), str(out), str(reference_dir or "")],
                               cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -99,7 +99,7 @@ def test_constructor_validates(kwargs, key):
         VLLMEngine(**kwargs)
 
 
-def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> None:
+def _fsdp2_full_weights_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     import json
 
     import torch.distributed as dist
@@ -110,8 +110,8 @@ def _fsdp2_full_weights_worker(rank: int, world: int, port: int, out: str) -> No
 
     from espo_lightning.engines.vllm_weights import engine_weights
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rendezvous file, not a port found free and released (another process could take it between)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=15, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -141,15 +141,11 @@ def test_fsdp2_weights_are_gathered_in_full_on_every_rank(tmp_path):
     """Each rank feeds its own colocated engine, so every rank (not only rank 0) must get the full
     tensors of every state-dict entry, tied head included."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = str(tmp_path / "gather")
-    mp.spawn(_fsdp2_full_weights_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_fsdp2_full_weights_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     for rank in range(2):
         assert json.loads(open(f"{out}.{rank}").read()) == {"sharded": True, "names": True, "equal": True,
                                                              "plain": True}

@@ -217,3 +217,29 @@ def fused_completion_stats(model, input_ids: Tensor, attention_mask: Tensor, pos
     if "logp" not in result or out.logits is not result["logp"]:
         raise HeadNotReached(f"{type(model).__name__} post-processes its LM head's output")
     return result["logp"], result.get("entropy")
+
+
+def fused_packed_stats(model, packed, completion_shape: torch.Size, temperature: float, rows: int,
+                       with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """``fused_completion_stats`` for a padding-free micro-batch (``espo_lightning.policy.packing``):
+    the model runs on ``packed``'s ``[1, N]`` sequence, only the hidden states at ``packed.keep`` reach
+    the head (``logits_to_keep``), and the log-probs ``[B, Lc]`` (and entropies) come back scattered
+    to ``completion_shape``, 0 off the completion mask."""
+    from espo_lightning.policy.packing import packed_call
+
+    head = model.get_output_embeddings()
+    result: dict[str, Tensor] = {}
+
+    def head_forward(hidden: Tensor) -> Tensor:  # [1, Nv, H] -> [B, Lc]
+        logp, entropy = _FusedHeadLogprobs.apply(hidden[0], head.weight, head.bias, packed.targets,
+                                                 float(temperature), rows, with_entropy)
+        if with_entropy:
+            result["entropy"] = packed.scatter(entropy, completion_shape)
+        result["logp"] = packed.scatter(logp, completion_shape)
+        return result["logp"]
+
+    with _swapped_forward(head, head_forward), packed_call():
+        out = model(**packed.model_kwargs(), logits_to_keep=packed.keep)
+    if "logp" not in result or out.logits is not result["logp"]:
+        raise HeadNotReached(f"{type(model).__name__} post-processes its LM head's output")
+    return result["logp"], result.get("entropy")

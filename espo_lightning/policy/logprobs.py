@@ -145,8 +145,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_logp = grad_logp.contiguous()  # [B, T] (an expanded scalar gradient has stride 0)
         for chunk, tgt, g, grad_chunk in _row_chunks(ctx.rows, logits, targets, grad_logp, grad):
             # d logp(target) / d logit_j = (onehot_j(target) - softmax_j(logits / tau)) / tau
-            g = g.float().unsqueeze(-1) / temperature  # [c, 1]
             probs = shifted_logits(chunk, temperature).exp_()  # [c, V] unnormalised, in place
+            g = g.to(probs.dtype).unsqueeze(-1) / temperature  # [c, 1] fp32 (fp64 for fp64 logits)
             probs.mul_(-g / probs.sum(-1, keepdim=True))  # -softmax * g / tau
             grad_chunk.copy_(probs.scatter_add_(-1, tgt.unsqueeze(-1), g))
         return grad, None, None, None

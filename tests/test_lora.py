@@ -225,3 +225,24 @@ def test_vllm_engine_after_syncing_trained_adapters_matches_the_trainer():
         engine.teardown()
     print(f"engine/trainer log-prob gap: {first:.2e} after sync, {stale:.2e} stale, {second:.2e} after resync")
     assert first <= 1e-4 and second <= 1e-4 and stale > 1e-2
+
+
+@pytest.mark.slow
+def test_kill_mid_rollout_with_lora_resumes_exactly(tiny_model_dir, tmp_path):
+    """The kill -9 test of issue 11 with LoRA (conf/quickstart_lora.yaml): killed inside step 8's
+    update, resumed from step 7's checkpoint, which holds the adapters, optimizer and rollout only;
+    the exported adapters equal the uninterrupted run's bit for bit."""
+    from test_resume import assert_same, final_weights, fit
+
+    config = "conf/quickstart_lora.yaml"
+    fit(tiny_model_dir, tmp_path / "uninterrupted", config=config)
+    reference = final_weights(tmp_path / "uninterrupted")
+    assert reference and all("lora_" in k for k in reference)  # the adapter folder: adapters only
+    root = tmp_path / "run"
+    fit(tiny_model_dir, root, "--trainer.callbacks+=resume_toys.KillAt", "--trainer.callbacks.init_args.step", "8",
+        config=config, expect_kill=True)
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 7
+    assert saved["state_dict"] and all(".lora_" in k for k in saved["state_dict"])  # not the frozen base
+    fit(tiny_model_dir, root, "--ckpt_path", "last", config=config)
+    assert_same(final_weights(root), reference)

@@ -18,6 +18,7 @@ from espo_lightning.policy.packing import PACKED_SDPA, pack, packing_blocker, pr
 from espo_lightning.policy.scoring import TokenScorer
 from espo_lightning.rollout.tensors import build_rollout_batch
 from espo_lightning.training.micro_batches import plan_micro_batches
+from test_distributed_parity import _check_parity, parity_runs  # noqa: F401 (a fixture)
 
 VOCAB = 97
 LOSSES = {
@@ -245,3 +246,12 @@ def test_packing_is_refused_when_the_module_loads_the_model(tiny_model_dir, monk
     monkeypatch.setattr(packing, "SUPPORTED", ())
     with pytest.raises(ConfigError, match=r"model.packing: the policy .*addition-tiny"):
         PolicyModule(tiny_model_dir, packing=True).configure_model()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_packed_match_one_padded_process(parity_runs):
+    """FSDP2 on 2 gloo ranks (gradient checkpointing on, a reduce-scatter per micro-batch, a real-token
+    budget that gives the ranks different numbers of packed passes) takes the single padded process's
+    two steps (tests/test_distributed_parity.py's check, 1e-5)."""
+    _check_parity(parity_runs, "fsdp", packing=True, max_tokens_per_micro_batch=40, defer_grad_sync=False)

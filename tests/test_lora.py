@@ -246,3 +246,31 @@ def test_kill_mid_rollout_with_lora_resumes_exactly(tiny_model_dir, tmp_path):
     assert saved["state_dict"] and all(".lora_" in k for k in saved["state_dict"])  # not the frozen base
     fit(tiny_model_dir, root, "--ckpt_path", "last", config=config)
     assert_same(final_weights(root), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_with_lora_match_one_process(tiny_model_dir, tmp_path):
+    """LoRA under FSDP2 (the adapters sharded with their blocks, gradient checkpointing on) on 2 gloo
+    ranks takes the same two SGD steps as one process (1e-5), step 2 clipped by the global norm
+    over the adapters of both ranks (tests/test_distributed_parity.py's worker and batch)."""
+    from safetensors.torch import load_file
+    from test_distributed_parity import CLIP, LR, TOL, make_global_batch, run_worker
+
+    batch = tmp_path / "batch.pt"
+    make_global_batch(tiny_model_dir, batch)
+    runs = {s: run_worker(s, tiny_model_dir, batch, tmp_path / s, lora={"r": 4}) for s in ("single", "fsdp")}
+    step1 = {s: {k: v for k, v in torch.load(out / "step1.pt", weights_only=True).items() if ".lora_" in k}
+             for s, out in runs.items()}
+    step2 = {s: load_file(out / "policy" / "adapter_model.safetensors") for s, out in runs.items()}
+    assert step1["single"] and set(step1["single"]) == set(step1["fsdp"])
+    assert max(float(v.abs().max()) for k, v in step1["single"].items() if "lora_B" in k) > 1e3 * TOL  # B moved
+    assert max(float((step1["fsdp"][k] - v).abs().max()) for k, v in step1["single"].items()) < TOL
+    assert set(step2["single"]) == set(step2["fsdp"])
+    assert max(float((step2["fsdp"][k] - v).abs().max()) for k, v in step2["single"].items()) < TOL
+    # step 2's update has norm lr * clip over the adapters (the norm taken over both ranks' shards)
+    names = {k: k.replace(".default.weight", ".weight").replace("base_model.model.", "base_model.model.")
+             for k in step1["single"]}
+    moved = sum(float(((step2["single"][n] - step1["single"][k]) ** 2).sum())
+                for k, n in names.items() if n in step2["single"])
+    assert moved ** 0.5 == pytest.approx(LR * CLIP, rel=1e-3)

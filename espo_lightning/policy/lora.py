@@ -99,7 +99,26 @@ def wrap_policy(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modu
                      and not isinstance(m, LoraLinear)})
     if others:
         raise ConfigError(f"model.lora.target_modules: only linear layers can take adapters here, got {others}")
+    init_adapters(policy)
     return policy
+
+
+def init_adapters(policy, seed: int = 0) -> None:
+    """PEFT's initialisation of A (Kaiming-uniform; B stays 0), drawn from a CPU generator of its own:
+    the same adapters on every rank (FSDP2 shards each rank's copy: ranks that drew different A would
+    hold pieces of different matrices) and in every run, whatever the global RNG has done."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in policy.modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                weight = module.lora_A[ADAPTER].weight
+                fresh = torch.empty(weight.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+                weight.copy_(fresh)
 
 
 def is_peft(model) -> bool:

@@ -143,7 +143,7 @@ class PolicyModule(L.LightningModule):
         self.defer_grad_sync = defer_grad_sync
         self.export_dir = export_dir
         self.retain_cpu_heap = retain_cpu_heap
-        self.lora = lora
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora  # a dict from Python callers
         self.export_merged = export_merged
         self.policy = None
         self._grad_norm, self._trained = None, None  # this step's (norm,) (gradient_norm); configure_optimizers

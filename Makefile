@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/logprob_memory.py
 	$(PY) benchmarks/train_step_memory.py
 	$(PY) benchmarks/reward_pool.py
+	$(PY) benchmarks/packing.py
 
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py

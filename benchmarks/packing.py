@@ -1,0 +1,171 @@
+"""Padding-free micro-batches (``model.packing``) against padded ones, on a long-tailed length
+distribution: the time of the old-policy scoring pass and of one optimizer step, the tokens the
+transformer processes (real and pad), and the peak RSS, per layout:
+
+- ``padded``: today's default: rows sorted by length, packed greedily up to ``--budget`` padded
+  tokens (rows x width), each micro-batch trimmed to its own longest prompt + completion;
+- ``packed``: ``model.packing``: the same planner counting real tokens up to ``--budget``, each
+  micro-batch one ``[1, N]`` sequence (per-row SDPA on the CPU);
+- ``trl``: TRL's layout: micro-batches of ``--trl-rows`` rows in rollout order, each one rectangle as
+  wide as its longest prompt plus its longest completion.
+
+    python benchmarks/packing.py [--repeats 3] [--responses 64] [--budget 8192] [--trl-rows 8]
+
+The model is Qwen3-shaped (hidden 256, 4 layers, 4 heads of 64, 2 KV heads, MLP 768) with the real
+vocabulary of 151,936 and a tied head, run through the fused LM head (only valid completion
+positions reach it, in every layout: the head's cost is the same in all three). The minibatch:
+``--responses`` responses, prompts uniform in 64-256 tokens, completions log-normal with median 256
+(sigma 1), capped at 2,048: the shape of reasoning traces at 1/8 of the paper's 16k. One step =
+every micro-batch's forward + backward of a GRPO loss + AdamW. Each (repeat, layout) runs in a fresh
+process (peak RSS = VmHWM after the model and optimizer state are built, minus the RSS then);
+layouts are interleaved within each repeat, and the table shows medians. The bound is the speed-up
+that removing the pad fraction alone allows on the transformer, 1 / (1 - pad).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from logprob_memory import _status_kib  # noqa: E402
+
+VOCAB = 151_936
+LAYOUTS = ("padded", "packed", "trl")
+
+
+def lengths(responses: int, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(64, 257, (responses,), generator=gen)
+    normal = torch.randn(responses, generator=gen, dtype=torch.float64)
+    completions = torch.exp(math.log(256) + normal).round().clamp(1, 2048).long()
+    return prompts, completions
+
+
+def _model():
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                         max_position_embeddings=4096, attn_implementation="sdpa")
+    return Qwen3ForCausalLM(config).float().train()
+
+
+def _plan(layout: str, batch, budget: int, trl_rows: int):
+    import torch
+
+    from espo_lightning.training.micro_batches import plan_micro_batches
+
+    if layout == "trl":
+        return list(torch.arange(len(batch)).split(trl_rows))
+    lp = batch.prompt_length
+    return plan_micro_batches(batch.attention_mask[:, :lp].sum(-1), batch.attention_mask[:, lp:].sum(-1), None,
+                              budget, packed=layout == "packed")
+
+
+def child(layout: str, responses: int, budget: int, trl_rows: int) -> None:
+    import torch
+
+    from espo_lightning.losses import GRPOLoss
+    from espo_lightning.losses.base import Normalizer
+    from espo_lightning.policy.scoring import TokenScorer
+    from espo_lightning.rollout.tensors import build_rollout_batch
+
+    prompt_lengths, completion_lengths = lengths(responses)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in prompt_lengths]
+    completions = [torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in completion_lengths]
+    batch = build_rollout_batch(prompts, completions, 0, torch.randn(responses, generator=gen),
+                                torch.zeros(responses), None, 1.0)
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for p in model.parameters():  # AdamW's state and the gradients exist before the measurement
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scorer, loss_fn = TokenScorer(packing=layout == "packed"), GRPOLoss()
+    plan = _plan(layout, batch, budget, trl_rows)
+    micros = [batch.select(rows).trimmed() for rows in plan]
+    real = int(batch.attention_mask.sum())
+    processed = sum(m.input_ids.numel() for m in micros) if layout != "packed" else real
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = _status_kib("VmRSS")
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for micro, rows in zip(micros, plan):
+            lp, ent = scorer.logprobs_and_entropy(model, micro)
+            width = lp.shape[1]
+            batch.old_logprobs[rows, :width], batch.entropies[rows, :width] = lp, ent
+    score_s = time.perf_counter() - start
+    micros = [batch.select(rows).trimmed() for rows in plan]  # with their old log-probs
+
+    start = time.perf_counter()
+    counts = Normalizer(*Normalizer.of(batch.completion_mask))
+    for micro in micros:
+        logp = scorer.logprobs(model, micro)
+        loss, _ = loss_fn(logprobs=logp, old_logprobs=micro.old_logprobs, advantages=micro.advantages,
+                          mask=micro.completion_mask, entropies=micro.entropies, normalizer=counts)
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"layout": layout, "score_s": score_s, "step_s": step_s, "real": real,
+                      "pad": processed - real, "micro_batches": len(plan), "peak_mib": (peak - baseline) / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--responses", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=8192, help="tokens per micro-batch (padded / packed)")
+    parser.add_argument("--trl-rows", type=int, default=8, help="rows per micro-batch of the TRL layout")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--child", choices=LAYOUTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.responses, args.budget, args.trl_rows)
+
+    runs: dict[str, list[dict]] = {layout: [] for layout in args.layouts}
+    for repeat in range(args.repeats):
+        for layout in args.layouts:  # interleaved: machine load drifts over a run
+            out = subprocess.run([sys.executable, __file__, "--child", layout, "--responses", str(args.responses),
+                                  "--budget", str(args.budget), "--trl-rows", str(args.trl_rows)],
+                                 capture_output=True, text=True, check=True)
+            runs[layout].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"repeat {repeat + 1}/{args.repeats} {layout}: {runs[layout][-1]}", file=sys.stderr, flush=True)
+
+    prompts, completions = lengths(args.responses)
+    print(f"{args.responses} responses, prompts 64-256 (mean {prompts.float().mean():.0f}), completions log-normal "
+          f"median 256 cap 2,048 (mean {completions.float().mean():.0f}, max {int(completions.max())}); "
+          f"budget {args.budget} tokens, TRL rows {args.trl_rows}; {args.repeats} interleaved repeats, medians; "
+          f"{platform.machine()}, torch threads default")
+    med = {layout: {k: statistics.median(r[k] for r in rs) for k in ("score_s", "step_s", "peak_mib")}
+           for layout, rs in runs.items()}
+    base = "packed" if "packed" in med else args.layouts[0]
+    print("| layout | micro-batches | real tokens | pad tokens | pad fraction | bound 1/(1-pad) | scoring s "
+          f"| step s | peak RSS MiB | scoring vs {base} | step vs {base} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for layout, rs in runs.items():
+        r, m = rs[0], med[layout]
+        pad = r["pad"] / (r["real"] + r["pad"])
+        print(f"| {layout} | {r['micro_batches']} | {r['real']:,} | {r['pad']:,} | {pad:.2f} | {1 / (1 - pad):.2f}x "
+              f"| {m['score_s']:.1f} | {m['step_s']:.1f} | {m['peak_mib']:.0f} "
+              f"| {m['score_s'] / med[base]['score_s']:.2f}x | {m['step_s'] / med[base]['step_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -45,3 +45,14 @@ def test_paper_config_kv_cache_holds_its_sequences(tmp_path):
     tokens = int((engine.gpu_memory_utilization * 80e9 - 16.4e9 - 4e9) // per_token)
     assert tokens // engine.max_model_len == 13
     check_kv_cache(tokens, engine.max_model_len, engine.kv_cache_min_sequences, per_token)
+
+
+def test_paper_lora_config_is_one_gpu_with_adapters(tmp_path):
+    """conf/espo_qwen3_math_lora.yaml: the paper's run on one GPU, r = 16 adapters over a bf16 base,
+    the same engine settings; one response per micro-batch (docs/lora.md's memory)."""
+    cli = build(["--config", str(CONF / "espo_qwen3_math_lora.yaml"), "--trainer.accelerator=cpu",
+                 "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.model.lora.r == 16 and cli.model.lora.target_modules == "all-linear"
+    assert cli.model.dtype_name == "bfloat16" and cli.model.micro_batch_size == 1
+    engine = cli.datamodule.engine
+    assert engine.dtype == "bfloat16" and engine.sleep_level == 2 and engine.gpu_memory_utilization == 0.7

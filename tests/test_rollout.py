@@ -2,6 +2,8 @@
 sampled from, minibatching, dynamic sampling and truncation masking."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -287,14 +289,31 @@ def test_dynamic_sampling_refills_rounds_and_keeps_the_rollout_full(tiny_model_d
     assert fresh.walk.epoch_start(1) == 16
 
 
+def _keyed_sampler(calls: list):
+    """A stand-in for ``torch.multinomial(probs, 1)`` whose draw depends on the random stream and on
+    which tokens the processors kept (probability > 0), not on the probabilities' rounding: one
+    uniform key per token from the default generator, the largest key among the kept tokens wins.
+    Records each call's shape and the generator's state before it."""
+
+    def sample(probs, num_samples=1, replacement=False, *, generator=None, out=None):
+        assert num_samples == 1 and generator is None and out is None
+        calls.append((tuple(probs.shape), torch.default_generator.get_state()))
+        keys = torch.rand(probs.shape, dtype=torch.float64).masked_fill(probs <= 0, -1.0)
+        return keys.argmax(-1, keepdim=True)
+
+    return sample
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir, temperature, top_p):
+def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir, temperature, top_p, monkeypatch):
     """With n > 1 the engine prefills every whole prompt once, draws its n samples' first tokens
     from that pass and lets ``generate`` continue on the repeated KV cache: the model sees P prompt
-    rows once, then the P * n samples from their second token. The samples and their log-probs are
-    those of ``generate`` with ``num_return_sequences`` from the same seed: same processors, same
-    draws from the random stream (bit-equal scores give the same tokens; the prefill's shapes
-    differ from generate's, so only a rounding difference could change a row)."""
+    rows once, then the P * n samples from their second token. The samples are those of ``generate``
+    with ``num_return_sequences`` from the same seed, which the code guarantees through the random
+    stream: the same number of draws, of the same [N, V] shape, from the same generator state. The
+    draws go through a keyed sampler (``_keyed_sampler``) so that a rounding difference between the
+    two paths' logits (the prefill's shapes differ from generate's) cannot flip a token: all 32 rows
+    must then be equal, and their log-probs (processed scores: temperature and top-p) agree to 1e-5."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -302,9 +321,10 @@ def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir, tem
     prompts = [tok.encode(p) for p in ("7+5=", "12+34=", "99+1=", "3+3=")]  # left padding of 0..2
     engine = HFEngine(batch_size=4, return_logprobs=True)
     engine.setup(policy, tok)
-    rows_seen = []
+    rows_seen, ours_draws, plain_draws = [], [], []
     hook = policy.model.embed_tokens.register_forward_hook(lambda m, a, out: rows_seen.append(tuple(a[0].shape)))
     sampling = Sampling(n=8, temperature=temperature, top_p=top_p, max_new_tokens=3, seed=11)
+    monkeypatch.setattr(torch, "multinomial", _keyed_sampler(ours_draws))
     shared = engine.generate(prompts, sampling, policy)
     hook.remove()
     width = max(len(p) for p in prompts)
@@ -313,17 +333,26 @@ def test_hf_engine_prefills_each_prompt_once_for_its_samples(tiny_model_dir, tem
 
     config = engine._generation_config(sampling, n=8, max_new_tokens=3)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    monkeypatch.setattr(torch, "multinomial", _keyed_sampler(plain_draws))
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(11)
         out = policy.eval().generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
                                      generation_config=config)
+    monkeypatch.undo()
+    V = policy.config.vocab_size
+    assert [shape for shape, _ in ours_draws] == [shape for shape, _ in plain_draws] == [(32, V)] * 3
+    for (_, ours_state), (_, plain_state) in zip(ours_draws, plain_draws):
+        assert torch.equal(ours_state, plain_state), "a draw at another point of the random stream"
     plain = out.sequences[:, width:]
     plain_logps = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, plain.unsqueeze(-1)).squeeze(-1)
-    same = [list(s) == p[: len(s)] for s, p in zip(shared.token_ids, plain.tolist())]
-    assert len(shared.token_ids) == 32 and sum(same) >= 31, (same, shared.token_ids, plain)
+    assert len(shared.token_ids) == 32
+    for row, (ours, theirs) in enumerate(zip(shared.token_ids, plain.tolist())):
+        stopped = len(ours) < 3 or ours[-1] in engine.stop_ids
+        assert ours == theirs[: len(ours)] and (not stopped or set(theirs[len(ours):]) <= {tok.pad_token_id}), row
+    assert len({tuple(t) for t in shared.token_ids}) > 8, "the samples of a prompt must differ"
     for row, ours in enumerate(shared.logprobs):
-        if same[row]:
-            torch.testing.assert_close(torch.tensor(ours), plain_logps[row, : len(ours)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(ours), plain_logps[row, : len(ours)], atol=1e-5, rtol=0)
+        assert all(math.isfinite(x) for x in ours), row  # a token the processors kept
 
 
 def test_hf_engine_first_token_that_stops_ends_the_sample(tiny_model_dir):

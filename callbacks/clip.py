@@ -7,6 +7,10 @@ from callbacks.base import DiagnosticsCallback, step_diagnostics
 from callbacks.layout import Chart
 
 TOKEN_KEYS = ("clip/low", "clip/high", "clip/total")
+# What the entropy-aware baselines report in place of (or beside) a hard clip, token-weighted:
+# Clip-Cov / KL-Cov's covariance-selected fraction, the high-entropy mask's kept fraction, SAPO's
+# mean gate weight (docs/metrics.md).
+METHOD_KEYS = ("cov/selected", "entropy_mask/kept", "gate/weight_mean")
 
 
 class ClipFractionMonitor(DiagnosticsCallback):
@@ -18,7 +22,9 @@ class ClipFractionMonitor(DiagnosticsCallback):
     losses), ``clip/sequence`` (fraction of responses). Per epoch: the same names with ``_epoch``
     appended (``clip/low_epoch``, ...), token-weighted (sequence-weighted for ``clip/sequence``) over
     every step of the epoch on every rank. Also the importance ratios the clip acts on:
-    ``ratio/mean`` (token-weighted) and ``ratio/max`` (largest over ranks), per step and per epoch.
+    ``ratio/mean`` (token-weighted) and ``ratio/max`` (largest over ranks), per step and per epoch;
+    and, when the loss reports them, ``cov/selected`` (Clip-Cov, KL-Cov), ``entropy_mask/kept`` (the
+    high-entropy token mask) and ``gate/weight_mean`` (SAPO), token-weighted.
     """
 
     def tensorboard_charts(self) -> list[Chart]:
@@ -30,7 +36,7 @@ class ClipFractionMonitor(DiagnosticsCallback):
         if "count/tokens" not in diag:
             return
         tokens, sequences = diag["count/tokens"], diag.get("count/sequences", diag["count/tokens"])
-        means = {k: (diag[k], tokens) for k in TOKEN_KEYS if k in diag}
+        means = {k: (diag[k], tokens) for k in TOKEN_KEYS + METHOD_KEYS if k in diag}
         if "clip/sequence" in diag:
             means["clip/sequence"] = (diag["clip/sequence"], sequences)
         if "ratio/mean" in diag:

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from eval_toys import digit_sum
 from espo_lightning.cli import main
+from espo_lightning.tasks.addition import AdditionSource
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -21,14 +23,16 @@ pytestmark = pytest.mark.slow
 
 def small(model_dir: str, root: Path) -> list[str]:
     """The embedded config, shrunk: 15 greedy problems and 9 with 4 samples (odd counts: on 2 ranks
-    the second rank pads with a weight-0 repeat), and a reward the barely trained model sometimes
-    earns (a first digit 1), so correctness varies between samples."""
+    the second rank pads with a weight-0 repeat), and a reward whose verdicts are known in advance
+    (``eval_toys.alternating_samples``: 2 of each problem's 4 samples, a greedy sample iff the
+    prompt's digit sum is odd), so the metrics are derived by hand, not left to what the model
+    learnt on this machine."""
     return ["--config", str(REPO / "conf/eval_embedded.yaml"), "--model.model_name_or_path", model_dir,
             "--model.model_builder", "null", "--trainer.default_root_dir", str(root),
             "--trainer.enable_progress_bar", "false", "--data.val_data.addition.init_args.num_problems", "15",
             "--data.val_data.addition_k4.source.init_args.num_problems", "9", "--data.val_batch_size", "4",
             "--data.val_samples_per_set", "10",
-            "--data.reward_funcs", '[{class_path: espo_lightning.rewards.RegexFormatReward, init_args: {pattern: "^1"}}]']
+            "--data.reward_funcs", "[eval_toys.alternating_samples]"]
 
 
 def run(args: list[str]) -> None:
@@ -72,14 +76,24 @@ def test_fit_then_validate_checkpoint_export_and_two_ranks(tiny_model_dir, tmp_p
     assert all(scalars[n][-1][1] == pytest.approx(last[n], rel=1e-6) for n in names)  # TB holds float32
     assert last["val/addition_k4/pass@1"] == pytest.approx(last["val/addition_k4/avg@4"], abs=1e-12)
     assert last["val/addition_k4/avg@4"] <= last["val/addition_k4/pass@2"] <= last["val/addition_k4/pass@4"]
-    assert 0 < last["val/addition_k4/avg@4"] < 1, "the sampled set has right and wrong samples"
+    # by hand: 2 of 4 samples correct for every problem; pass@2 = 1 - C(2, 2) / C(4, 2) = 5/6
+    greedy_prompts = [r["prompt"] for r in AdditionSource(num_problems=15, seed=999999).rows()]
+    k4_prompts = [r["prompt"] for r in AdditionSource(num_problems=9, seed=424242).rows()]
+    assert len(set(greedy_prompts)) == 15 and len(set(k4_prompts)) == 9  # no prompt repeats in a set
+    odd = sum(digit_sum(p) % 2 for p in greedy_prompts)
+    assert 0 < odd < 15
+    assert last["val/addition/accuracy"] == odd / 15
+    assert (last["val/addition_k4/avg@4"], last["val/addition_k4/pass@1"]) == (0.5, 0.5)
+    assert last["val/addition_k4/pass@2"] == pytest.approx(5 / 6, abs=1e-12)
+    assert last["val/addition_k4/pass@4"] == 1.0
 
     # the written samples: 10 of the 36, with each completion's verdict
     lines = (logs / "eval_samples" / "addition_k4_step4.jsonl").read_text().splitlines()
     samples = [json.loads(line) for line in lines]
     assert len(samples) == 10  # all 4 samples of the first problems, cut at data.val_samples_per_set
     assert [(s["index"], s["sample"]) for s in samples[:5]] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
-    assert all(s["correct"] == str(s["completion"]).startswith("1") for s in samples)
+    assert all(s["correct"] == bool((digit_sum(s["prompt"]) + s["sample"]) % 2) for s in samples)
+    assert [s["prompt"] for s in samples[::4]] == k4_prompts[:3]
     assert sorted(p.name for p in (logs / "eval_samples").iterdir()) == sorted(
         f"{name}_step{step}.jsonl" for name in ("addition", "addition_k4") for step in (0, 2, 4))
 
@@ -98,6 +112,7 @@ def test_fit_then_validate_checkpoint_export_and_two_ranks(tiny_model_dir, tmp_p
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                              "MASTER_PORT", "NODE_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "espo_lightning", "validate", *small(tiny_model_dir, tmp_path / "ddp"),
                            "--ckpt_path", str(ckpt), "--trainer.devices", "2", "--trainer.strategy", "ddp"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,6 @@ from espo_lightning.data.source import PromptSource
 from espo_lightning.data.sources import FilePromptSource
 from espo_lightning.rewards import math_accuracy
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared/data/gsm8k_test.jsonl"
 
 RECORDS = [
     {"question": "1+1?", "answer": "#### 2", "unit": "apples"},
@@ -201,15 +200,13 @@ def test_constructor_arguments_documented_for_cli_help():
 
 
 # --------------------------------------------------------------------------------------- real data
-def test_real_gsm8k_file_feeds_math_accuracy():
-    if not GSM8K.exists():
-        pytest.skip(f"real GSM8K test split not found at {GSM8K}")
-    source = FilePromptSource(str(GSM8K), prompt_template="{prompt}\nPut the final answer after ####.")
+def test_real_gsm8k_file_feeds_math_accuracy(gsm8k_path):
+    source = FilePromptSource(str(gsm8k_path), prompt_template="{prompt}\nPut the final answer after ####.")
     rows = source.rows()
     assert len(rows) == 1319
     assert rows[0]["prompt"].startswith("Janet") and rows[0]["prompt"].endswith("after ####.")
     assert set(rows[0]) == {"question", "answer", "prompt"}
-    subset = FilePromptSource(str(GSM8K), limit=64, shuffle_seed=1).rows()
+    subset = FilePromptSource(str(gsm8k_path), limit=64, shuffle_seed=1).rows()
     answers = [r["answer"] for r in subset]
     assert math_accuracy(prompts=[r["prompt"] for r in subset], completions=answers, answer=answers) == [1.0] * 64
 

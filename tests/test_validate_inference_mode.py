@@ -22,12 +22,13 @@ VLLM = ["--data.engine", "espo_lightning.engines.VLLMEngine", "--data.engine.ini
 def run(module: list[str], *args: str, root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return subprocess.run([sys.executable, *module, *args, "--config", str(REPO / "conf/quickstart_fsdp.yaml"),
+    # --config first: options after it override the file's values, options before it do not
+    return subprocess.run([sys.executable, *module, "--config", str(REPO / "conf/quickstart_fsdp.yaml"),
                            "--model.model_name_or_path", str(root / "model"), "--model.model_builder", "null",
                            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
                            "--data.prompts_per_rollout", "8", "--data.num_generations", "2",
                            "--data.minibatch_size", "8", "--data.val_data.init_args.num_problems", "8",
-                           "--data.val_batch_size", "4", *VLLM],
+                           "--data.val_batch_size", "4", *VLLM, *args],
                           cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
 
 

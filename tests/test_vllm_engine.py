@@ -438,20 +438,24 @@ def test_sync_after_training_step(setup):
 
 def test_load_failures_are_collected_from_vllms_reload_logger():
     """vLLM's layerwise reload logs "<Layer>: Failed to load weights" (layerwise.py, vLLM 0.32) for a
-    layer that received none of the tensors sent; the sync collects those lines (the rotary notice
-    aside) and raises naming the layers. The CPU build emitted it for a withheld q/k/v when the engine
-    test module ran alone, but not after other modules had run, so the collection is tested on the
-    logger itself, in vLLM's own format."""
+    layer that received none of the tensors sent; during a sync a handler on that logger collects
+    those lines (the rotary notice aside) and the sync raises naming the layers. The CPU build emitted
+    it for a withheld q/k/v when the engine tests ran alone, not after other modules had run, so the
+    handler is checked here on records in vLLM's own format, and attached only during the sync."""
     import logging
 
     from espo_lightning.engines.vllm_weights import RELOAD_LOGGER, watch_load_failures
 
+    def record(layer: str, text: str = "Failed to load weights"):
+        return logging.LogRecord(RELOAD_LOGGER, logging.WARNING, "layerwise.py", 266, f"%s: {text}", (layer,), None)
+
     logger = logging.getLogger(RELOAD_LOGGER)
     with watch_load_failures() as failures:
-        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
-        logger.warning("%s: Failed to load weights", "QKVParallelLinear")
-        logger.warning("%s: Delayed processing", "MergedColumnParallelLinear")
-    logger.warning("%s: Failed to load weights", "RowParallelLinear")  # after the sync: not counted
+        assert failures in logger.handlers
+        for r in (record("RotaryEmbedding"), record("QKVParallelLinear"), record("MergedColumnParallelLinear",
+                                                                                  "Delayed processing")):
+            failures.handle(r)
+    assert failures not in logger.handlers
     assert failures.layers == ["QKVParallelLinear"]
 
 

@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/train_step_memory.py
 	$(PY) benchmarks/reward_pool.py
 	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/lora_memory.py
 
 bench-vllm: setup-vllm-cpu
 	$(PY) benchmarks/vllm_engine_overhead.py

@@ -215,3 +215,17 @@ def assert_no_nan(logger: RecordingLogger) -> None:
 
 
 # ----- the contract ---------------------------------------------------------------------------
+
+
+class ShutdownGloo(L.Callback):
+    """For ``ddp_spawn`` runs: the spawned ranks tear the process group down together at the end of
+    fit (``espo_lightning.run.distributed.shutdown``: a barrier, then destroy), as the CLI does; a
+    rank that exits while the other still talks to gloo otherwise aborts ("terminate called without
+    an active exception", seen once in CI). ``teardown`` is the last hook of a run; no collective
+    follows it in Lightning's spawn launcher."""
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        from espo_lightning.run.distributed import shutdown
+
+        if trainer.world_size > 1:
+            shutdown()

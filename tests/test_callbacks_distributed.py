@@ -10,7 +10,7 @@ import pytest
 
 from callbacks import (AdvantageHistogram, ClipFractionMonitor, EntropyGroupMonitor, GradientUtilizationMonitor,
                        RolloutMonitor)
-from callback_toys import RecordingLogger, ToyData, ToyModule, fit
+from callback_toys import RecordingLogger, ShutdownGloo, ToyData, ToyModule, fit
 
 # Numbers that legitimately differ: wall times, and the gradient (DDP averages per-rank gradients of
 # per-rank losses, which is not the gradient of the merged batch's loss).
@@ -31,7 +31,7 @@ def _flatten(history) -> dict[tuple[int, str], float]:
 @pytest.mark.distributed
 def test_two_ranks_log_the_same_numbers_as_one_rank_with_all_the_data(tmp_path):
     path = tmp_path / "ddp.json"
-    fit(_callbacks(), module=ToyModule(report_sequence_clip=True), data=ToyData(),
+    fit(_callbacks() + [ShutdownGloo()], module=ToyModule(report_sequence_clip=True), data=ToyData(),
         logger=RecordingLogger(str(path)), strategy="ddp_spawn", devices=2)
     two = _flatten(json.loads(path.read_text()))
 

@@ -39,6 +39,7 @@ def _rank(rank: int, world: int, rendezvous: str, model_dir: str, out: str) -> N
         Path(out, f"rank{rank}.json").write_text(json.dumps({
             "rounds": stats.sampling_rounds, "rows": len(batch), "groups": stats.num_groups,
             "next_start": dm.walk.next_start}))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     finally:
         dist.destroy_process_group()
 

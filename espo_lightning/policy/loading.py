@@ -226,7 +226,10 @@ def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0)
            for p in tensor.placements):
-        raise NotImplementedError(f"streaming into a DTensor placed {tensor.placements} (only Shard(0))")
+        # sharding.py shards with fully_shard (Shard(0) on the data-parallel mesh), the only layout the
+        # row-wise stream writes into; any other placement is a sharding this loader was not built for
+        raise RuntimeError(f"loading streams checkpoint rows into Shard(0) DTensors (fully_shard); this parameter "
+                           f"is placed {tensor.placements}")
     _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return tensor.to_local(), (offset[0] if offset else 0)
 

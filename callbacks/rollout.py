@@ -13,9 +13,11 @@ from callbacks.layout import write_layout
 # Per-rank quantities that add up across ranks, and those whose global value is the largest one.
 SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "length_sum", "truncated",
             "zero_std_groups", "dropped_groups", "groups", "generated_tokens", "diff_count", "diff_sum",
-            "train_tokens", "tis_count", "tis_sum", "tis_capped", "prompt_truncated", "reward_timeouts")
+            "train_tokens", "tis_count", "tis_sum", "tis_capped", "prompt_truncated", "reward_timeouts",
+            "ratio_count", "ratio_sum", "ratio_masked")
+# ``ratio_neg_min`` holds minus the smallest behaviour ratio, so that MAX reduces it too.
 MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max",
-            "sampling_rounds")
+            "sampling_rounds", "ratio_max", "ratio_neg_min")
 
 
 class RolloutMonitor(L.Callback):
@@ -38,7 +40,12 @@ class RolloutMonitor(L.Callback):
       rounds of the rollout), ``rollout/prompt_truncated_frac`` (prompts cut to
       ``data.max_prompt_length``),
       ``rollout/engine_logprob_diff_mean`` / ``_max`` (|engine - trainer| log-prob of the sampled
-      tokens; only when the engine returns log-probs).
+      tokens; only when the engine returns log-probs),
+      ``rollout/behaviour_ratio/mean``, ``/min``, ``/max`` (the raw ratio ``pi_old / pi_engine`` of
+      the sampled tokens, whatever ``data.behaviour_correction`` chose, also when it is off) and
+      ``/masked_frac`` (valid tokens the correction gave weight 0: mask, icepop), also only when the
+      engine returns log-probs; ``rollout/tis_weight_mean``, ``rollout/tis_capped_frac`` with
+      ``data.tis_cap``.
     - ``perf/rollout_time_s`` (generation + rewards + scoring, slowest rank), ``perf/generation_time_s``,
       ``perf/scoring_time_s``, ``perf/rollout_tokens_per_s`` (all ranks' generated tokens per second
       of rollout time), ``perf/generation_tokens_per_s`` (per second of generation time),
@@ -93,7 +100,7 @@ class RolloutMonitor(L.Callback):
         maxes = dict.fromkeys(MAX_KEYS, 0.0)
         sums["train_tokens"] = float(self._train_tokens)
         maxes["update_time"] = self._update_time
-        maxes["diff_max"] = -math.inf
+        maxes["diff_max"] = maxes["ratio_max"] = maxes["ratio_neg_min"] = -math.inf
         if stats is None:
             return sums, maxes
         rewards = stats.rewards.double().cpu()
@@ -115,6 +122,12 @@ class RolloutMonitor(L.Callback):
             diff = diff.double().cpu()
             sums.update(diff_count=float(diff.numel()), diff_sum=float(diff.sum()))
             maxes["diff_max"] = float(diff.max())
+        ratio = getattr(stats, "behaviour_ratio", None)
+        if ratio is not None and ratio.numel():
+            ratio = ratio.double().cpu()
+            sums.update(ratio_count=float(ratio.numel()), ratio_sum=float(ratio.sum()),
+                        ratio_masked=float(getattr(stats, "behaviour_masked", 0)))
+            maxes.update(ratio_max=float(ratio.max()), ratio_neg_min=-float(ratio.min()))
         tis = getattr(stats, "is_weights", None)
         if tis is not None and tis.numel():
             tis = tis.double().cpu()
@@ -167,6 +180,11 @@ class RolloutMonitor(L.Callback):
         if s["diff_count"] > 0:
             out["rollout/engine_logprob_diff_mean"] = s["diff_sum"] / s["diff_count"]
             out["rollout/engine_logprob_diff_max"] = m["diff_max"]
+        if s["ratio_count"] > 0:
+            out["rollout/behaviour_ratio/mean"] = s["ratio_sum"] / s["ratio_count"]
+            out["rollout/behaviour_ratio/min"] = -m["ratio_neg_min"]
+            out["rollout/behaviour_ratio/max"] = m["ratio_max"]
+            out["rollout/behaviour_ratio/masked_frac"] = s["ratio_masked"] / s["ratio_count"]
         if s["tis_count"] > 0:
             out["rollout/tis_weight_mean"] = s["tis_sum"] / s["tis_count"]
             out["rollout/tis_capped_frac"] = s["tis_capped"] / s["tis_count"]

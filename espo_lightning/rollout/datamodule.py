@@ -30,7 +30,7 @@ from espo_lightning.rollout.batch import RolloutBatch, ServedBatch
 from espo_lightning.engines.base import RolloutEngine, Sampling
 from espo_lightning.engines.hf import HFEngine
 from espo_lightning.rollout.loaders import Items, RolloutLoader
-from espo_lightning.rollout.mismatch import apply_tis
+from espo_lightning.rollout.behaviour import BehaviourCorrection, apply_behaviour_correction
 from espo_lightning.data.prompts import PromptEncoder, completions_for_rewards, drop_overlong
 from espo_lightning.rollout.rewarding import Rewarder
 from espo_lightning.rollout.sampling import Groups, SampledRollout, sample_rounds
@@ -77,7 +77,13 @@ class RolloutDataModule(L.LightningDataModule):
         mask_truncated: Exclude truncated completions from the loss.
         tis_cap: Truncated importance sampling for the engine/trainer mismatch (off when null): each
             token's loss term is weighted by ``min(pi_old / pi_engine, tis_cap)`` (folded into
-            per-token advantages). Needs an engine that returns log-probs.
+            per-token advantages). Needs an engine that returns log-probs. The same as
+            ``behaviour_correction: {mode: truncate, level: token, high: <tis_cap>}``.
+        behaviour_correction: Off-policy correction by the behaviour (engine) policy (off when
+            null; docs/engines.md): ``mode`` truncate (TIS), mask (MIS) or icepop, ``level`` token,
+            sequence or geometric, bounds ``low`` / ``high``. The old log-probs are still the
+            trainer's (the PPO ratio and ESPO's groups use them); the weights ``pi_old / pi_engine``
+            fold into per-token advantages. Needs an engine that returns log-probs; not with ``tis_cap``.
         reward_workers: Processes that run the reward functions (0: in the trainer's process). Each
             (function, completion) pair is one task; functions must be importable.
         reward_timeout_s: Wall-clock limit of one reward-function call on one completion in a
@@ -119,6 +125,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_sampling_rounds: int = 10,
         mask_truncated: bool = False,
         tis_cap: float | None = None,
+        behaviour_correction: BehaviourCorrection | None = None,
         reward_workers: int = 0,
         reward_timeout_s: float | None = None,
         val_max_new_tokens: int | None = None,
@@ -137,6 +144,11 @@ class RolloutDataModule(L.LightningDataModule):
         _check(max_new_tokens >= 1, "data.max_new_tokens", "must be >= 1", max_new_tokens)
         _check(max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", max_prompt_length)
         _check(tis_cap is None or tis_cap > 0, "data.tis_cap", "must be > 0 (or null to disable)", tis_cap)
+        if tis_cap is not None and behaviour_correction is not None:
+            raise ConfigError("data.tis_cap and data.behaviour_correction are both set: set one (tis_cap: C is "
+                              "behaviour_correction: {mode: truncate, level: token, high: C})")
+        if behaviour_correction is not None:
+            behaviour_correction.validate("data.behaviour_correction")
         _check(val_batch_size >= 1, "data.val_batch_size", "must be >= 1", val_batch_size)
         _check(val_samples_per_set >= -1, "data.val_samples_per_set", "must be >= 0 (or -1: all)", val_samples_per_set)
         _check(max_sampling_rounds >= 1, "data.max_sampling_rounds", "must be >= 1", max_sampling_rounds)
@@ -152,6 +164,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.use_chat_template, self.system_prompt = use_chat_template, system_prompt
         self.drop_zero_std_groups, self.max_sampling_rounds = drop_zero_std_groups, max_sampling_rounds
         self.mask_truncated, self.tis_cap = mask_truncated, tis_cap
+        self.behaviour_correction = behaviour_correction
+        self._correction = (BehaviourCorrection("truncate", "token", high=tis_cap) if tis_cap is not None
+                            else behaviour_correction)
         self.reward_workers, self.reward_timeout_s = reward_workers, reward_timeout_s
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
         self.val_batch_size, self.num_samples_logged, self.seed = val_batch_size, num_samples_logged, seed
@@ -325,15 +340,15 @@ class RolloutDataModule(L.LightningDataModule):
         defer = self.ppo_epochs == 1 and batch.engine_logprobs is None
         batch = self.module.score_rollout(batch, self.minibatch_indices(len(batch), epoch)[0], defer_first=defer)
         t_score = time.perf_counter() - t1
-        diff = is_weights = None
+        diff = behaviour = None
+        if self._correction is not None and batch.engine_logprobs is None:
+            key = "data.tis_cap" if self.tis_cap is not None else "data.behaviour_correction"
+            raise ConfigError(f"{key} needs the rollout engine's log-probs: set "
+                              "data.engine.init_args.return_logprobs: true")
         if batch.engine_logprobs is not None:
             diff = (batch.engine_logprobs - batch.old_logprobs).abs()[batch.completion_mask].float().cpu()
-        if self.tis_cap is not None:
-            if batch.engine_logprobs is None:
-                raise ConfigError("data.tis_cap needs the rollout engine's log-probs: set "
-                                  "data.engine.init_args.return_logprobs: true")
-            is_weights = apply_tis(batch, self.tis_cap)
-        return batch, self._stats(epoch, sampled, t0, t_gen, t_score, diff, is_weights)
+            behaviour = apply_behaviour_correction(batch, self._correction)  # weights folded into advantages
+        return batch, self._stats(epoch, sampled, t0, t_gen, t_score, diff, behaviour)
 
     def _build(self, sampled: SampledRollout) -> RolloutBatch:
         """The trained groups packed into one batch on the module's device, filler and (with
@@ -350,10 +365,13 @@ class RolloutDataModule(L.LightningDataModule):
             batch.completion_mask[len(sampled.chosen) * G - len(sampled.padded) * G:] = False
         return batch.to(self.module.device)
 
-    def _stats(self, epoch, sampled: SampledRollout, t0, t_gen, t_score, diff, is_weights) -> RolloutStats:
+    def _stats(self, epoch, sampled: SampledRollout, t0, t_gen, t_score, diff, behaviour) -> RolloutStats:
         stats = rollout_stats(sampled, epoch=epoch, generation_time_s=t_gen, scoring_time_s=t_score,
                               rollout_time_s=time.perf_counter() - t0, engine_logprob_diff=diff,
-                              is_weights=is_weights, is_cap=self.tis_cap or 0.0, samples=self.num_samples_logged)
+                              is_weights=behaviour.weights if behaviour and self.tis_cap is not None else None,
+                              is_cap=self.tis_cap or 0.0, samples=self.num_samples_logged,
+                              behaviour_ratio=behaviour.ratios if behaviour else None,
+                              behaviour_masked=behaviour.masked if behaviour else 0)
         if stats.prompt_truncated and not self._warned_truncation:
             self._warned_truncation = True
             self._say(f"data.max_prompt_length: {stats.prompt_truncated} of {stats.num_groups} prompts of this "

@@ -31,6 +31,8 @@ class RolloutStats:
     samples: list[dict] = field(default_factory=list)  # a few {prompt, completion, reward}
     is_weights: torch.Tensor | None = None  # [n_tokens] truncated IS weights, when the correction is on
     is_cap: float = 0.0
+    behaviour_ratio: torch.Tensor | None = None  # [n_tokens] raw pi_old / pi_engine, whenever engine log-probs exist
+    behaviour_masked: int = 0  # valid tokens data.behaviour_correction gave weight 0 (mask, icepop)
     sampling_rounds: int = 1  # generation rounds (dynamic sampling refills)
     prompt_truncated: int = 0  # prompts (groups) cut to max_prompt_length
     reward_timeouts: int = 0  # completions on which a reward function hit its time limit

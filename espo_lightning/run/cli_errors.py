@@ -26,8 +26,10 @@ def one_line(message: str) -> str:
         if not text.startswith("- ") or "NoneType" in text:
             continue
         text = text[2:].strip()
-        if text.endswith(":") and i + 1 < len(lines):  # "Problem with given class_path 'x':" + reason
-            text = f"{text} {lines[i + 1].strip()}"
+        j = i + 1  # "Problem with given class_path 'x':" + its reason, through nested 'Parser key "k":' lines
+        while text.endswith(":") and j < len(lines) and not lines[j].strip().startswith("- "):
+            text = f"{text} {lines[j].strip()}"
+            j += 1
         details.append(text)
     head = "; ".join(details) if details else lines[0].strip()
     if key and not head.startswith(key):

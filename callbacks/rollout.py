@@ -17,7 +17,7 @@ SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "le
             "ratio_count", "ratio_sum", "ratio_masked")
 # ``ratio_neg_min`` holds minus the smallest behaviour ratio, so that MAX reduces it too.
 MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max",
-            "sampling_rounds", "ratio_max", "ratio_neg_min")
+            "sampling_rounds", "ratio_max", "ratio_neg_min", "staleness")
 
 
 class RolloutMonitor(L.Callback):
@@ -37,7 +37,8 @@ class RolloutMonitor(L.Callback):
       ``rollout/truncated_frac``, ``rollout/zero_std_group_frac`` (prompt groups whose advantages are
       all 0), ``rollout/dropped_group_frac`` (generated groups dynamic sampling left without weight:
       zero-variance ones and surplus ones of the last round), ``rollout/sampling_rounds`` (generation
-      rounds of the rollout), ``rollout/prompt_truncated_frac`` (prompts cut to
+      rounds of the rollout), ``rollout/staleness`` (how many rollouts old the weights it was sampled
+      from were: 0, or up to ``data.max_staleness``), ``rollout/prompt_truncated_frac`` (prompts cut to
       ``data.max_prompt_length``),
       ``rollout/engine_logprob_diff_mean`` / ``_max`` (|engine - trainer| log-prob of the sampled
       tokens; only when the engine returns log-probs),
@@ -116,7 +117,8 @@ class RolloutMonitor(L.Callback):
         maxes.update(rollout_time=float(stats.rollout_time_s), generation_time=float(stats.generation_time_s),
                      scoring_time=float(stats.scoring_time_s),
                      length_max=float(lengths.max()) if lengths.numel() else 0.0,
-                     sampling_rounds=float(getattr(stats, "sampling_rounds", 1)))
+                     sampling_rounds=float(getattr(stats, "sampling_rounds", 1)),
+                     staleness=float(getattr(stats, "staleness", 0)))
         diff = stats.engine_logprob_diff
         if diff is not None and diff.numel():
             diff = diff.double().cpu()
@@ -177,6 +179,7 @@ class RolloutMonitor(L.Callback):
             out["rollout/dropped_group_frac"] = s["dropped_groups"] / s["groups"]
             out["rollout/prompt_truncated_frac"] = s["prompt_truncated"] / s["groups"]
             out["rollout/sampling_rounds"] = m["sampling_rounds"]
+            out["rollout/staleness"] = m["staleness"]
         if s["diff_count"] > 0:
             out["rollout/engine_logprob_diff_mean"] = s["diff_sum"] / s["diff_count"]
             out["rollout/engine_logprob_diff_max"] = m["diff_max"]

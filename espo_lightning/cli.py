@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from espo_lightning.run.checkpointing import RolloutCheckpoint
 from espo_lightning.run.cli_errors import one_line
 from espo_lightning.run.distributed import shutdown
-from espo_lightning.errors import ConfigError
+from espo_lightning.errors import ConfigError, EngineError
 from espo_lightning.evaluation.report import format_report
 from espo_lightning.training.module import PolicyModule
 from espo_lightning.rollout.datamodule import RolloutDataModule
@@ -99,7 +99,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
         shutdown()
-    except (ConfigError, FileNotFoundError, argparse.ArgumentError) as err:
+    except (ConfigError, EngineError, FileNotFoundError, argparse.ArgumentError) as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
 

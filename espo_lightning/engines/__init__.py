@@ -1,5 +1,6 @@
-"""Rollout engines. ``VLLMEngine`` is importable from here but imports vLLM only when constructed."""
-from espo_lightning.engines.base import Generation, RolloutEngine, Sampling
+"""Rollout engines. ``VLLMEngine`` and ``VLLMServerEngine`` are importable from here; vLLM is imported only
+when an engine starts (the server engine: only in its server process)."""
+from espo_lightning.engines.base import Generation, Pending, RolloutEngine, Sampling
 from espo_lightning.engines.hf import HFEngine
 
 
@@ -8,7 +9,11 @@ def __getattr__(name):
         from espo_lightning.engines.vllm import VLLMEngine
 
         return VLLMEngine
+    if name == "VLLMServerEngine":  # imports vLLM only in the server process it launches
+        from espo_lightning.engines.vllm_server_engine import VLLMServerEngine
+
+        return VLLMServerEngine
     raise AttributeError(name)
 
 
-__all__ = ["Generation", "HFEngine", "RolloutEngine", "Sampling", "VLLMEngine"]
+__all__ = ["Generation", "HFEngine", "Pending", "RolloutEngine", "Sampling", "VLLMEngine", "VLLMServerEngine"]

@@ -33,6 +33,23 @@ class Generation:
     token_ids: list[list[int]]  # sampled tokens, EOS included when generated, no padding
     truncated: list[bool]  # True where generation stopped at max_new_tokens without EOS
     logprobs: list[list[float]] | None = None  # the engine's log-prob of each sampled token
+    # The weights it sampled from, as the engine knows them (the ``version`` of the last
+    # ``sync_weights``); None: the engine does not track it (it samples from the live policy).
+    policy_version: int | None = None
+
+
+class Pending:
+    """A generation submitted with ``RolloutEngine.submit``; ``result`` waits for it."""
+
+    def __init__(self, future, describe: str = "generation"):
+        self._future, self.describe = future, describe
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """The generation, once done (the same object on every call), or the error that ended it."""
+        return self._future.result(timeout)
 
 
 def stop_token_ids(policy, tokenizer) -> list[int]:
@@ -58,16 +75,27 @@ class RolloutEngine(ABC):
     # precision context (autocast under bf16-mixed). An engine with weights of its own (vLLM) runs
     # outside it: autocast would silently downcast the fp32 ops it runs outside CUDA graphs.
     uses_trainer_precision: bool = True
+    # Whether ``submit`` generates in the background (its own process) while the trainer trains:
+    # what ``data.max_staleness`` > 0 needs.
+    supports_submit: bool = False
+    # What the caller is generating for ("rollout 3", "evaluation"): engines name it in errors.
+    activity: str = "generating"
 
     def setup(self, policy: torch.nn.Module, tokenizer) -> None:
         """Called once before the first rollout, with the (possibly sharded) policy."""
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Make the engine sample from ``policy``'s current weights. Called before every rollout."""
+    def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
+        """Make the engine sample from ``policy``'s current weights. Called before every rollout;
+        ``version`` (the trainer's global step) labels them in the ``Generation``s that follow."""
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, policy: torch.nn.Module) -> Generation:
         """Sample ``sampling.n`` completions for each prompt (token ids without padding)."""
+
+    def submit(self, prompt_ids: list[list[int]], sampling: Sampling) -> Pending:
+        """Start ``generate`` in the background with the weights the engine holds now; the trainer
+        may update its policy meanwhile. Only engines with ``supports_submit``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate in the background")
 
     def release(self) -> None:
         """Hand memory back to training: called after a rollout's generation and after an

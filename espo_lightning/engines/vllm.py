@@ -33,11 +33,9 @@ Only the CPU build has been run (tests/test_vllm_engine.py); the GPU branches (s
 written from vLLM 0.32's API and sources and have not been run on a GPU."""
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Literal
 
@@ -49,7 +47,7 @@ from espo_lightning.engines.base import Generation, RolloutEngine, Sampling, sto
 from espo_lightning.engines.vllm_budget import (BYTES, check_engine_dtype, check_kv_cache, engine_kv_tokens,
                                                         kv_bytes_per_token, platform_defaults)
 from espo_lightning.engines.vllm_logs import quiet_reload_logs
-from espo_lightning.engines.vllm_start import (RNGState, check_cpu_head_size, check_cpu_reload,
+from espo_lightning.engines.vllm_start import (RNGState, architecture_folder, check_cpu_head_size, check_cpu_reload,
                                                        check_vllm_version, export_launcher_env, tp_subgroup)
 from espo_lightning.engines.vllm_weights import engine_weights, watch_load_failures
 
@@ -251,7 +249,7 @@ class VLLMEngine(RolloutEngine):
         self._synced = self._asleep = False
 
     # ----- weights ------------------------------------------------------------------------------
-    def sync_weights(self, policy: torch.nn.Module) -> None:
+    def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Push the policy's current weights. Under FSDP2 every rank must call it (all-gathers)."""
         if self.llm is None:
             raise RuntimeError("VLLMEngine.sync_weights called before setup(policy, tokenizer)")
@@ -360,17 +358,8 @@ class VLLMEngine(RolloutEngine):
         return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "bfloat16")
 
     def _model_folder(self, policy) -> str:
-        source = getattr(policy.config, "name_or_path", "") or ""
-        if source and os.path.isfile(os.path.join(source, "config.json")):
-            return source
-        self._tmpdir = tempfile.mkdtemp(prefix="espo-vllm-config-")
-        config = policy.config
-        if not getattr(config, "architectures", None):  # built in memory: vLLM would guess the model class
-            config = copy.deepcopy(config)
-            config.architectures = [type(policy).__name__]
-        config.save_pretrained(self._tmpdir)  # architecture only; weights come from sync
-        return self._tmpdir
-
+        folder, self._tmpdir = architecture_folder(policy)
+        return folder
 
 def _request_seed(sampling: Sampling, prompt_index: int) -> int | None:
     """vLLM gives sample j of a request ``seed + j``; spacing prompts n apart keeps every sample's

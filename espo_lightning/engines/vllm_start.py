@@ -3,7 +3,9 @@ around constructing ``vllm.LLM`` (its CPU build's head sizes, tensor-parallel su
 launcher's environment, and the trainer's random streams, which vLLM's construction reseeds)."""
 from __future__ import annotations
 
+import copy
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,22 @@ def check_cpu_reload(config) -> None:
         raise ConfigError(f"VLLMEngine: the CPU build of vLLM cannot reload the weights of a mixture-of-experts model "
                           f"in place ({type(config).__name__}, {experts} experts), so it could never sample from the "
                           "trained policy; use espo_lightning.engines.HFEngine on CPU (GPU builds reload them)")
+
+
+def architecture_folder(policy) -> tuple[str, str | None]:
+    """A folder vLLM can build the policy's architecture from, and the temporary folder made for it
+    (None when none was): the checkpoint folder ``policy.config.name_or_path`` when it is a local
+    folder with a ``config.json``, otherwise a temporary one holding ``config.save_pretrained``."""
+    source = getattr(policy.config, "name_or_path", "") or ""
+    if source and os.path.isfile(os.path.join(source, "config.json")):
+        return source, None
+    tmpdir = tempfile.mkdtemp(prefix="espo-vllm-config-")
+    config = policy.config
+    if not getattr(config, "architectures", None):  # built in memory: vLLM would guess the model class
+        config = copy.deepcopy(config)
+        config.architectures = [type(policy).__name__]
+    config.save_pretrained(tmpdir)  # architecture only; weights come from sync
+    return tmpdir, tmpdir
 
 
 def tp_subgroup(tp: int):

@@ -86,6 +86,12 @@ class RolloutDataModule(L.LightningDataModule):
             fold into per-token advantages. Needs an engine that returns log-probs; not with ``tis_cap``.
         reward_workers: Processes that run the reward functions (0: in the trainer's process). Each
             (function, completion) pair is one task; functions must be importable.
+        max_staleness: 0 (default): every rollout is sampled from the current weights, then trained
+            on. 1: one-step-off-policy: rollout k + 1's first sampling round is generated (in the
+            engine's own process, ``VLLMServerEngine``) while the trainer trains on rollout k, from
+            the weights of before that training; ``rollout/staleness`` logs how many rollouts old the
+            weights were. Evaluation always syncs the current weights first. A resumed run
+            regenerates what was in flight (docs/engines.md).
         reward_timeout_s: Wall-clock limit of one reward-function call on one completion in a
             worker (needs ``reward_workers`` >= 1); past it the completion scores None for that
             function, counted as ``reward/timeout_frac``.
@@ -128,6 +134,7 @@ class RolloutDataModule(L.LightningDataModule):
         behaviour_correction: BehaviourCorrection | None = None,
         reward_workers: int = 0,
         reward_timeout_s: float | None = None,
+        max_staleness: int = 0,
         val_max_new_tokens: int | None = None,
         val_batch_size: int = 64,
         val_samples_per_set: int = 64,
@@ -152,6 +159,8 @@ class RolloutDataModule(L.LightningDataModule):
         _check(val_batch_size >= 1, "data.val_batch_size", "must be >= 1", val_batch_size)
         _check(val_samples_per_set >= -1, "data.val_samples_per_set", "must be >= 0 (or -1: all)", val_samples_per_set)
         _check(max_sampling_rounds >= 1, "data.max_sampling_rounds", "must be >= 1", max_sampling_rounds)
+        _check(max_staleness in (0, 1), "data.max_staleness", "must be 0 (synchronous) or 1 (one-step-off-policy)",
+               max_staleness)
         self.rewarder = Rewarder(reward_funcs, reward_weights, accuracy_reward, reward_workers, reward_timeout_s)
         self.train_data, self.val_data = train_data, val_data
         self.reward_funcs, self.reward_weights = self.rewarder.funcs, self.rewarder.weights
@@ -182,6 +191,13 @@ class RolloutDataModule(L.LightningDataModule):
         self._current: tuple | None = None  # (epoch, batch, stats, minibatches) being trained on
         self._restored: dict | None = None  # state from a checkpoint, used by the next train_dataloader
         self.walk = DataWalk(prompts_per_rollout, seed)
+        self.max_staleness = max_staleness
+        if max_staleness and not self.engine.supports_submit:
+            raise ConfigError(f"data.max_staleness: {max_staleness} needs an engine that generates in its own process "
+                              f"while the trainer trains (espo_lightning.engines.VLLMServerEngine); "
+                              f"{type(self.engine).__name__} cannot")
+        self._inflight: dict[int, tuple] = {}  # epoch -> (rows, encoded prompts, Pending) of its first round
+        self._round_versions: list[int | None] = []  # the weights each round of the current rollout sampled from
 
     # ----- plumbing ---------------------------------------------------------------------------
     @property
@@ -205,10 +221,13 @@ class RolloutDataModule(L.LightningDataModule):
             self._engine_ready = True
 
     def _sync_engine(self) -> None:
-        """Push the policy's weights into the engine when they changed since the last push."""
+        """Push the policy's weights into the engine when they changed since the last push (after a
+        generation in flight finished: it samples from the weights it was submitted with)."""
         self._ensure_engine()
         if self._synced_step != self.trainer.global_step:
-            self.engine.sync_weights(self.module.policy)
+            for _, _, pending in self._inflight.values():
+                pending.result()  # raises what ended it, naming the rollout it generated
+            self.engine.sync_weights(self.module.policy, version=self.trainer.global_step)
             self._synced_step = self.trainer.global_step
 
     def check_data(self) -> None:
@@ -218,6 +237,7 @@ class RolloutDataModule(L.LightningDataModule):
             self.rewarder.check_source(spec.key, spec.source)
 
     def teardown(self, stage: str) -> None:
+        self._inflight.clear()  # a resumed run regenerates what was in flight
         if self._engine_ready:
             self.engine.teardown()
             self._engine_ready = False
@@ -281,19 +301,54 @@ class RolloutDataModule(L.LightningDataModule):
             return RolloutLoader([None] * served, start=served)
         saved = resume.restore(restored, epoch, *self._world(), self.module.device) if restored else None
         batch, stats, start = saved if saved is not None else (*self.rollout(epoch), 0)
+        if saved is None:
+            self._record_staleness(stats, served)
+        if self.max_staleness and epoch + 1 < (self.trainer.max_epochs or 0):
+            self._submit_first_round(epoch + 1)  # generated while this rollout is trained on
         self.last_rollout = stats
         self._current = (epoch, batch, stats, served)
         return RolloutLoader([ServedBatch(b) for b in self.minibatches(batch, epoch)], start=start)
 
+    def _sampling(self, epoch: int, round_: int) -> Sampling:
+        return Sampling(n=self.num_generations, temperature=self.temperature, top_p=self.top_p,
+                        max_new_tokens=self.max_new_tokens,
+                        seed=self.seed * 7919 + epoch * 104_729 + round_ * 1_000_003 + self._world()[0])
+
+    def _submit_first_round(self, epoch: int) -> None:
+        """Start ``epoch``'s first sampling round in the engine's process with the current weights
+        (``data.max_staleness``); its ``_generate_round`` collects it."""
+        self._sync_engine()
+        rows = self._rows_at(self.walk.epoch_start(epoch))
+        encoded = self.encoder.encode([r["prompt"] for r in rows])
+        self.engine.activity = f"generating rollout {epoch} (in the background)"
+        self._inflight[epoch] = (rows, encoded, self.engine.submit(encoded.ids, self._sampling(epoch, 0)))
+
+    def _record_staleness(self, stats, steps_per_rollout: int) -> None:
+        """The oldest weights the rollout's rounds sampled from, and how many rollouts old they are."""
+        versions = [v for v in self._round_versions if v is not None]
+        if stats is None or not versions:
+            return
+        stats.policy_version = min(versions)
+        behind = self.trainer.global_step - stats.policy_version
+        stats.staleness = -(-behind // max(1, steps_per_rollout))  # ceil: a partial rollout counts
+
     def _generate_round(self, rows: list[dict], epoch: int, round_: int) -> Groups:
         """G completions for each of ``rows``, with rewards and group advantages."""
-        rank, _ = self._world()
         G = self.num_generations
-        encoded = self.encoder.encode([r["prompt"] for r in rows])
-        sampling = Sampling(n=G, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                            seed=self.seed * 7919 + epoch * 104_729 + round_ * 1_000_003 + rank)
-        with self._generation_context():
-            gen = self.engine.generate(encoded.ids, sampling, self.module.policy)
+        if round_ == 0:
+            self._round_versions = []
+        inflight = self._inflight.pop(epoch, None) if round_ == 0 else None
+        if inflight is not None and [r["prompt"] for r in inflight[0]] == [r["prompt"] for r in rows]:
+            _, encoded, pending = inflight
+            gen = pending.result()
+        else:
+            self._sync_engine()  # no-op unless a round in flight held the push back
+            encoded = self.encoder.encode([r["prompt"] for r in rows])
+            self.engine.activity = f"generating rollout {epoch}" + (f" (round {round_ + 1})" if round_ else "")
+            with self._generation_context():
+                gen = self.engine.generate(encoded.ids, self._sampling(epoch, round_), self.module.policy)
+        # Engines that track no version sample from the weights of now (the sync just ran).
+        self._round_versions.append(self.trainer.global_step if gen.policy_version is None else gen.policy_version)
         texts = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         completions = completions_for_rewards(prompts, texts)
@@ -318,7 +373,8 @@ class RolloutDataModule(L.LightningDataModule):
     def rollout(self, epoch: int) -> tuple[RolloutBatch, RolloutStats]:
         _, world = self._world()
         t0 = time.perf_counter()
-        self._sync_engine()
+        if epoch not in self._inflight:  # else: pushed after the round in flight is collected
+            self._sync_engine()
         start = self.walk.epoch_start(epoch)
         P = self.prompts_per_rollout
         sampled = sample_rounds(lambda r: self._generate_round(self._rows_at(start + r * P), epoch, r),
@@ -409,6 +465,7 @@ class RolloutDataModule(L.LightningDataModule):
         runs under plain ``no_grad`` whatever the caller chose (as fit's own validation does)."""
         with torch.inference_mode(False), torch.no_grad():
             self._sync_engine()
+            self.engine.activity = "evaluating"
             self.evaluator.run(chunk, encoder=self.encoder, engine=self.engine, policy=self.module.policy,
                                tokenizer=self.tokenizer, rewarder=self.rewarder,
                                precision_context=self._generation_context)

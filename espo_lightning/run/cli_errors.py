@@ -7,7 +7,7 @@ import re
 # What a class_path may name, per config key, for the "allowed" part of the message.
 ALLOWED = {
     "model.loss": "espo_lightning.losses.{ESPOLoss, GSPOLoss, GRPOLoss, CISPOLoss, GMPOLoss} or a PolicyLoss subclass",
-    "data.engine": "espo_lightning.engines.{HFEngine, VLLMEngine} or a RolloutEngine subclass",
+    "data.engine": "espo_lightning.engines.{HFEngine, VLLMEngine, VLLMServerEngine} or a RolloutEngine subclass",
     "data.train_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource, espo_lightning.tasks.chain.ChainSource or a PromptSource subclass",
     "data.val_data": "espo_lightning.data.sources.FilePromptSource, espo_lightning.tasks.addition.AdditionSource, espo_lightning.tasks.chain.ChainSource or a PromptSource subclass",
     "data.reward_funcs": "import paths of reward functions, e.g. espo_lightning.rewards.math_accuracy",

@@ -37,11 +37,14 @@ class SampledWeightsCheck(L.Callback):
         policy = pl_module.policy
         record = {"epoch": epoch, "staleness": stats.staleness, "policy_version": stats.policy_version,
                   "global_step": trainer.global_step, "current": _max_diff(policy, batch, dm.temperature)}
-        if self.snapshot is not None:
-            sampled = copy.deepcopy(policy)
-            sampled.load_state_dict(self.snapshot)
-            record["previous"] = _max_diff(sampled, batch, dm.temperature)
-        self.snapshot = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        if trainer.world_size > 1:  # FSDP2 (no deepcopy of a sharded module): staleness and versions only
+            record["rank"] = trainer.global_rank
+        else:
+            if self.snapshot is not None:
+                sampled = copy.deepcopy(policy)
+                sampled.load_state_dict(self.snapshot)
+                record["previous"] = _max_diff(sampled, batch, dm.temperature)
+            self.snapshot = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         with open(self.out, "a") as f:
             f.write(json.dumps(record) + "\n")
 

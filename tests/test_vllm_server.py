@@ -244,8 +244,9 @@ def test_the_server_exits_when_the_trainer_is_gone(model_dir, tmp_path):
 
 
 # ----- training runs (each launches its own server) ----------------------------------------------------
-def fit(model_dir: str, root: Path, *extra: str, epochs: int = 3) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "espo_lightning", "fit", "--config", str(REPO / "conf/quickstart_async.yaml"),
+def fit(model_dir: str, root: Path, *extra: str, epochs: int = 3,
+        config: str = "conf/quickstart_async.yaml") -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "espo_lightning", "fit", "--config", str(REPO / config),
             "--model.model_name_or_path", model_dir, "--model.model_builder", "null",
             "--trainer.default_root_dir", str(root), "--trainer.max_epochs", str(epochs),
             "--trainer.enable_progress_bar", "false", "--trainer.check_val_every_n_epoch", "1",
@@ -314,3 +315,60 @@ def test_a_killed_server_ends_the_run_with_one_line(model_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_ranks_one_step_off_policy(model_dir, tmp_path):
+    """conf/quickstart_fsdp.yaml (2 gloo ranks, FSDP2) with the server engine: rank 0 launches the
+    server, both ranks push (the all-gather) and submit their own prompts; staleness 0, 1, 1 on both."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    checks = tmp_path / "checks.jsonl"
+    proc = fit(model_dir, tmp_path / "run", "--data.engine.class_path", "espo_lightning.engines.VLLMServerEngine",
+               "--data.engine.init_args.max_model_len", "64", "--data.max_staleness", "1",
+               "--data.minibatch_size", "4", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
+               "--trainer.callbacks.init_args.out", str(checks), config="conf/quickstart_fsdp.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in checks.read_text().splitlines()]
+    for rank in (0, 1):
+        mine = [r for r in records if r["rank"] == rank]
+        assert [r["staleness"] for r in mine] == [0, 1, 1] and mine[0]["current"] <= 1e-4, records
+        assert [r["policy_version"] for r in mine] == [0, 0, 2]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_kill9_resume_regenerates_the_rollout_in_flight(model_dir, tmp_path):
+    """SIGKILL the whole run inside rollout 1, after optimizer step 3 (rollout 2 in flight in the
+    server, submitted with step 2's weights; dynamic sampling on): the server exits by itself, and
+    ``--ckpt_path last`` finishes the interrupted rollout from the checkpoint while rollout 2 is
+    submitted again with the restored weights (step 3): nothing of the lost round is reused."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    checks, root = tmp_path / "checks.jsonl", tmp_path / "run"
+    common = ("--checkpoint.every_n_train_steps", "1", "--data.drop_zero_std_groups", "true",
+              "--data.max_sampling_rounds", "3", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
+              "--trainer.callbacks.init_args.out", str(checks))
+    killed = fit(model_dir, root, *common, "--trainer.callbacks+=resume_toys.KillAt",
+                 "--trainer.callbacks.init_args.step", "4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    pid = _server_pid(killed.stderr)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _exists(pid):
+        time.sleep(0.2)
+    assert not _exists(pid), "the server outlived its trainer"
+    resumed = fit(model_dir, root, *common, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [json.loads(line) for line in checks.read_text().splitlines()]
+    # Lightning calls no on_train_epoch_start for the epoch a mid-epoch resume continues (1)
+    assert [(r["epoch"], r["staleness"]) for r in records] == [(0, 0), (1, 1), (2, 1)], records
+    # rollout 2 came from the restored weights (step 3), not from the lost round's (step 2)
+    assert (records[-1]["policy_version"], records[-1]["global_step"]) == (3, 4), records
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -8,8 +8,12 @@ import json
 import os
 import signal
 
+from concurrent.futures import Future
+
 import lightning as L
 import torch
+
+from espo_lightning.engines import HFEngine, Pending
 
 
 def _max_diff(model, batch, temperature: float) -> float:
@@ -62,3 +66,32 @@ class KillServer(L.Callback):
             with open(self.pid_file, "w") as f:
                 f.write(str(pid))
             os.kill(pid, signal.SIGKILL)
+
+
+class SnapshotHFEngine(HFEngine):
+    """A stand-in for an engine in its own process, without vLLM: ``sync_weights`` copies the
+    policy (the "server's" weights), ``submit`` samples from that copy with transformers (at once,
+    into a finished future: the same weights a background generation would use) and every
+    ``Generation`` carries the version it was sampled from. Single process only."""
+
+    supports_submit = True
+    uses_trainer_precision = False
+
+    def __init__(self, batch_size: int = 64):
+        super().__init__(batch_size=batch_size, return_logprobs=True)
+        self.copy, self.version = None, None
+
+    def sync_weights(self, policy, version=None):
+        self.copy, self.version = copy.deepcopy(policy).eval(), version
+
+    def generate(self, prompt_ids, sampling, policy):
+        if self.copy is None:
+            self.sync_weights(policy)
+        gen = super().generate(prompt_ids, sampling, self.copy)
+        gen.policy_version = self.version
+        return gen
+
+    def submit(self, prompt_ids, sampling):
+        future = Future()
+        future.set_result(self.generate(prompt_ids, sampling, None))
+        return Pending(future)

@@ -58,6 +58,27 @@ def test_max_staleness_needs_an_engine_that_generates_in_the_background():
         RolloutDataModule(train_data=AdditionSource(num_problems=8), reward_funcs=[exact_match], max_staleness=2)
 
 
+def test_one_step_off_policy_with_a_stand_in_engine(tiny_model_dir, tmp_path):
+    """The DataModule's side of ``max_staleness: 1`` without vLLM (tests/async_toys.SnapshotHFEngine:
+    transformers sampling from a copy of the weights taken at each push): rollout 0 is sampled from
+    the current weights, 1 and 2 from the previous rollout's (versions 0 and 2: 2 optimizer steps per
+    rollout), each rollout's engine log-probs equal those of the weights it was sampled from, and
+    ``rollout/staleness`` logs 0, 1, 1."""
+    from test_fit_e2e import scalars
+
+    checks, root = tmp_path / "checks.jsonl", tmp_path / "run"
+    proc = fit(tiny_model_dir, root, "--data.engine", "async_toys.SnapshotHFEngine",
+               "--trainer.callbacks+=async_toys.SampledWeightsCheck", "--trainer.callbacks.init_args.out", str(checks),
+               config="conf/quickstart.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in checks.read_text().splitlines()]
+    assert [(r["staleness"], r["policy_version"], r["global_step"]) for r in records] == [(0, 0, 0), (1, 0, 2),
+                                                                                         (1, 2, 4)], records
+    assert records[0]["current"] <= 1e-4
+    assert all(r["previous"] <= 1e-4 < r["current"] for r in records[1:]), records
+    assert [v for _, v in scalars(root / "lightning_logs" / "version_0")["rollout/staleness"]] == [0.0, 1.0, 1.0]
+
+
 class _Hanging(BaseHTTPRequestHandler):
     """Healthy, but never answers a generation or a weight push."""
 
@@ -246,6 +267,7 @@ def test_the_server_exits_when_the_trainer_is_gone(model_dir, tmp_path):
 # ----- training runs (each launches its own server) ----------------------------------------------------
 def fit(model_dir: str, root: Path, *extra: str, epochs: int = 3,
         config: str = "conf/quickstart_async.yaml") -> subprocess.CompletedProcess:
+    """A CLI training run in a subprocess (its own session), at ``max_staleness: 1`` unless ``extra`` says otherwise."""
     args = [sys.executable, "-m", "espo_lightning", "fit", "--config", str(REPO / config),
             "--model.model_name_or_path", model_dir, "--model.model_builder", "null",
             "--trainer.default_root_dir", str(root), "--trainer.max_epochs", str(epochs),
@@ -253,7 +275,7 @@ def fit(model_dir: str, root: Path, *extra: str, epochs: int = 3,
             "--data.prompts_per_rollout", "4", "--data.num_generations", "4", "--data.minibatch_size", "8",
             "--data.val_data.init_args.num_problems", "8", "--model.optimizer.init_args.lr", "3e-3",
             "--data.reward_funcs", '[{class_path: espo_lightning.rewards.RegexFormatReward, init_args: {pattern: "^1"}}]',
-            *extra]
+            "--data.max_staleness", "1", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(args, cwd=TESTS, env=env, capture_output=True, text=True, start_new_session=True,
                           timeout=900)

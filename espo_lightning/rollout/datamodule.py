@@ -86,15 +86,15 @@ class RolloutDataModule(L.LightningDataModule):
             fold into per-token advantages. Needs an engine that returns log-probs; not with ``tis_cap``.
         reward_workers: Processes that run the reward functions (0: in the trainer's process). Each
             (function, completion) pair is one task; functions must be importable.
+        reward_timeout_s: Wall-clock limit of one reward-function call on one completion in a
+            worker (needs ``reward_workers`` >= 1); past it the completion scores None for that
+            function, counted as ``reward/timeout_frac``.
         max_staleness: 0 (default): every rollout is sampled from the current weights, then trained
             on. 1: one-step-off-policy: rollout k + 1's first sampling round is generated (in the
             engine's own process, ``VLLMServerEngine``) while the trainer trains on rollout k, from
             the weights of before that training; ``rollout/staleness`` logs how many rollouts old the
             weights were. Evaluation always syncs the current weights first. A resumed run
             regenerates what was in flight (docs/engines.md).
-        reward_timeout_s: Wall-clock limit of one reward-function call on one completion in a
-            worker (needs ``reward_workers`` >= 1); past it the completion scores None for that
-            function, counted as ``reward/timeout_frac``.
         val_max_new_tokens: Completion budget of validation sets that set none (default:
             ``max_new_tokens``).
         val_batch_size: Problems per validation step on each rank (one ``generate`` call: with k

@@ -12,6 +12,8 @@ in each figure (ESPO vs GSPO vs GRPO). Figures, written as PNG into ``--out``:
   per-rollout aggregates (``_epoch``) where logged.
 - ``entropy_groups.png``: per entropy group k, ``entropy_group/<k>/epsilon_mean`` and ``/clip_frac``
   over steps (runs without entropy groups, e.g. GRPO, are left out of this one).
+- ``accuracy.png``: greedy ``val/accuracy`` (never smoothed: it is measured every few rollouts) and
+  the sampled ``reward/mean`` over steps.
 
 Per-step tags are used where present, else the ``<tag>_epoch`` aggregates. A figure none of the runs
 has data for is skipped with a note. Rendering uses matplotlib's Agg backend (no display needed).
@@ -166,6 +168,25 @@ def plot_entropy_groups(runs, out: Path, smoothing: float, plt) -> Path | None:
     return _save(fig, out / "entropy_groups.png", plt)
 
 
+def plot_accuracy(runs, out: Path, smoothing: float, plt) -> Path | None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    drawn = False
+    for i, (label, scalars) in enumerate(runs):
+        for ax, tag, weight in ((axes[0], "val/accuracy", 0.0), (axes[1], "reward/mean", smoothing)):
+            series = pick(scalars, tag)
+            if series is not None:
+                ax.plot(series[0], smooth(series[1], weight), color=f"C{i}", label=label,
+                        marker="o" if weight == 0.0 else None, markersize=3)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    _style(axes[0], "Greedy val/accuracy", "step", "accuracy")
+    _style(axes[1], "Sampled reward (rollout mean)", "step", "reward")
+    axes[1].legend()
+    return _save(fig, out / "accuracy.png", plt)
+
+
 def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -173,7 +194,7 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-PLOTS = (plot_clip_fractions, plot_entropy_vs_clip, plot_entropy_groups)
+PLOTS = (plot_accuracy, plot_clip_fractions, plot_entropy_vs_clip, plot_entropy_groups)
 
 
 def render(run_dirs: list[str], out: str | os.PathLike, labels: list[str] | None = None,

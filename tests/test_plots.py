@@ -25,6 +25,9 @@ def write_run(folder: Path, steps: int = 12, groups: int = 2, epoch_only: bool =
             w.add_scalar("clip/high" + suffix, 0.02 - 0.001 * step, step)
             w.add_scalar("clip/total" + suffix, 0.03, step)
             w.add_scalar("entropy/mean" + suffix, 1.0 - 0.05 * step, step)
+            w.add_scalar("reward/mean" + suffix, 0.4 + 0.01 * step, step)
+            if step % 4 == 0:
+                w.add_scalar("val/accuracy", 0.5 + 0.02 * step, step)
             for k in range(groups):
                 w.add_scalar(f"entropy_group/{k}/epsilon_mean" + suffix, 0.02 / (k + 1), step)
                 w.add_scalar(f"entropy_group/{k}/clip_frac" + suffix, 0.1 / (k + 1), step)
@@ -45,7 +48,7 @@ def test_render_overlays_runs_and_writes_pngs(tmp_path):
     grpo = write_run(tmp_path / "grpo", groups=0, epoch_only=True)  # no groups; only epoch aggregates
     written = plots.render([str(espo), str(grpo)], tmp_path / "figs", labels=["ESPO", "GRPO"], smoothing=0.5)
     names = sorted(p.name for p in written)
-    assert names == ["clip_fractions.png", "entropy_groups.png", "entropy_vs_clip.png"]
+    assert names == ["accuracy.png", "clip_fractions.png", "entropy_groups.png", "entropy_vs_clip.png"]
     for path in written:
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
@@ -54,7 +57,7 @@ def test_render_overlays_runs_and_writes_pngs(tmp_path):
 def test_runs_without_entropy_groups_skip_that_figure(tmp_path, capsys):
     run = write_run(tmp_path / "gspo", groups=0)
     written = plots.render([str(run)], tmp_path / "figs")
-    assert sorted(p.name for p in written) == ["clip_fractions.png", "entropy_vs_clip.png"]
+    assert sorted(p.name for p in written) == ["accuracy.png", "clip_fractions.png", "entropy_vs_clip.png"]
     assert "plot_entropy_groups" in capsys.readouterr().err
 
 
@@ -86,3 +89,12 @@ def test_module_entry_point(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "clip_fractions.png").exists() and "clip_fractions.png" in proc.stdout
+
+
+def test_accuracy_figure_needs_accuracy_or_reward(tmp_path, capsys):
+    logdir = tmp_path / "bare" / "lightning_logs" / "version_0"
+    with SummaryWriter(str(logdir)) as w:
+        w.add_scalar("clip/low", 0.1, 0)
+    written = plots.render([str(tmp_path / "bare")], tmp_path / "figs")
+    assert [p.name for p in written] == ["clip_fractions.png"]
+    assert "plot_accuracy: no run has the scalars it needs" in capsys.readouterr().err

@@ -84,12 +84,16 @@ def make_global_batch(model_dir: str, path: Path) -> None:
 
 # ----- the worker (this file run as a script; Lightning launches the other rank) -----------------
 def _losses():
-    from espo_lightning.losses import CISPOLoss, ESPOLoss, GRPOLoss
+    from espo_lightning.losses import CISPOLoss, ESPOLoss, GRPOLoss, HighEntropyMaskLoss, KLCovLoss
 
     return {
         "espo": ESPOLoss,
         "dapo": lambda: GRPOLoss(epsilon_high=0.28, loss_aggregation="token_mean"),
         "cispo": lambda: CISPOLoss(epsilon_low=0.02, epsilon_high=0.02),
+        # The token sets these two choose come from the whole minibatch (PolicyLoss.prepare_minibatch in
+        # training_step): a per-rank or per-micro-batch choice would give a different step.
+        "kl_cov": lambda: KLCovLoss(kl_cov_ratio=0.2),
+        "entropy_mask": lambda: HighEntropyMaskLoss(GRPOLoss(loss_aggregation="token_mean"), top_entropy_quantile=0.3),
     }
 
 
@@ -288,6 +292,22 @@ def test_dapo_token_mean_on_two_ranks_with_unequal_tokens_and_micro_batches(pari
 @pytest.mark.distributed
 def test_cispo_token_mean_under_fsdp2_with_micro_batches(parity_runs):
     _check_parity(parity_runs, "fsdp", loss="cispo", micro_batch_size=5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kl_cov_selection_over_the_minibatch_under_fsdp2_with_micro_batches(parity_runs):
+    """KL-Cov's top-covariance tokens are chosen over both ranks' rows through the real training_step
+    (issue 31 item 3), so FSDP2 with micro-batches of 5 rows takes the single process's two steps."""
+    _check_parity(parity_runs, "fsdp", loss="kl_cov", micro_batch_size=5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_entropy_mask_over_the_minibatch_on_two_ranks_with_a_token_budget(parity_runs):
+    """The high-entropy mask's quantile is taken over both ranks' tokens (DDP, unequal token counts,
+    a 30-token micro-batch budget), so the step equals the single process's."""
+    _check_parity(parity_runs, "ddp", loss="entropy_mask", max_tokens_per_micro_batch=30)
 
 
 # ----- conf/quickstart_fsdp.yaml end to end: sharded checkpoints, resume, export -----------------

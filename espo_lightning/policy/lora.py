@@ -10,7 +10,9 @@ else follows from the wrapped model's ``requires_grad`` flags and from the helpe
   the base checkpoint;
 - engines that hold their own copy of the weights (vLLM) receive the merged weights under the base
   checkpoint's names (``merged_state``): ``W + scaling * B @ A`` computed out of place, one layer at
-  a time, shards gathered one tensor at a time under FSDP2;
+  a time, shards gathered one tensor at a time under FSDP2; or, with vLLM's own LoRA serving
+  (``lora_sync: adapter``), the frozen base once (``base_state``) and the adapters alone as a PEFT
+  folder at every sync (``save_adapter``);
 - checkpoints hold the trainable parameters only (``trainable_keys``; the frozen base is reloaded
   from ``model_name_or_path``), and export writes a PEFT adapter folder, plus a merged HF folder
   with ``model.export_merged``.
@@ -206,3 +208,39 @@ def merged_state(policy, state: Mapping[str, torch.Tensor] | None = None) -> Ite
         if layer.fan_in_fan_out:
             delta = delta.t()
         yield target, (w.to(work) + delta).to(w.dtype)
+
+
+def base_state(policy, state: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(base checkpoint name, tensor) of the frozen base alone, adapters left out: what an engine that
+    applies the adapters itself (vLLM's LoRA serving) loads once. Entries stay as they are (DTensor
+    shards included); a policy with ``modules_to_save`` would send its trained copies here."""
+    state = policy.state_dict() if state is None else state
+    for name, value in state.items():
+        target = base_name(name)
+        if target is not None:
+            yield target, value
+
+
+def save_adapter(policy, folder: str, dtype: torch.dtype | None = None) -> int:
+    """Write the adapters alone as a PEFT folder (``adapter_config.json``,
+    ``adapter_model.safetensors``, PEFT's names) that ``PeftModel.from_pretrained`` and vLLM's
+    ``LoRARequest`` load; returns the bytes of the tensors written. Tensors are cast to ``dtype``
+    (None: as they are) on the shard, then gathered one at a time under FSDP2: every rank must call it."""
+    import os
+
+    from safetensors.torch import save_file
+
+    peft = import_peft()
+    state = {}
+    for name, value in policy.state_dict().items():
+        if "lora_" in name:
+            value = value.detach()
+            if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+                value = value.to(dtype)
+            state[name] = _full(value)
+    tensors = peft.get_peft_model_state_dict(policy, state_dict=state, adapter_name=ADAPTER)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    policy.peft_config[ADAPTER].save_pretrained(folder)
+    return sum(v.numel() * v.element_size() for v in tensors.values())

@@ -17,7 +17,7 @@ SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "le
             "ratio_count", "ratio_sum", "ratio_masked")
 # ``ratio_neg_min`` holds minus the smallest behaviour ratio, so that MAX reduces it too.
 MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max",
-            "sampling_rounds", "ratio_max", "ratio_neg_min", "staleness")
+            "sampling_rounds", "ratio_max", "ratio_neg_min", "staleness", "generation_wait", "engine_generation")
 
 
 class RolloutMonitor(L.Callback):
@@ -53,6 +53,11 @@ class RolloutMonitor(L.Callback):
       ``perf/update_time_s`` (time spent in the epoch's training steps, from ``on_train_batch_start``
       to ``on_train_batch_end``, slowest rank) and ``perf/train_tokens_per_s`` (valid tokens trained
       on all ranks, counted once per pass, per second of update time).
+      ``perf/generation_wait_s`` (the trainer blocked on the rollout's generation: the whole call in
+      process, only the rest of a generation submitted in the background with ``data.max_staleness``),
+      ``perf/engine_generation_s`` (the engine's own time on it, request to answer) and
+      ``perf/generation_hidden_frac`` (1 - wait / engine time: the share of generation that ran while
+      the trainer trained; 0 when synchronous).
     - ``rollout/samples``: a few sample completions with their rewards as TensorBoard text (rank 0's).
 
     Args:
@@ -118,7 +123,9 @@ class RolloutMonitor(L.Callback):
                      scoring_time=float(stats.scoring_time_s),
                      length_max=float(lengths.max()) if lengths.numel() else 0.0,
                      sampling_rounds=float(getattr(stats, "sampling_rounds", 1)),
-                     staleness=float(getattr(stats, "staleness", 0)))
+                     staleness=float(getattr(stats, "staleness", 0)),
+                     generation_wait=float(getattr(stats, "generation_wait_s", 0.0)),
+                     engine_generation=float(getattr(stats, "engine_generation_s", 0.0)))
         diff = stats.engine_logprob_diff
         if diff is not None and diff.numel():
             diff = diff.double().cpu()
@@ -174,6 +181,10 @@ class RolloutMonitor(L.Callback):
                 out["perf/rollout_tokens_per_s"] = s["generated_tokens"] / m["rollout_time"]
             if m["generation_time"] > 0:
                 out["perf/generation_tokens_per_s"] = s["generated_tokens"] / m["generation_time"]
+            if m["engine_generation"] > 0:  # generation hidden behind training (data.max_staleness)
+                out["perf/generation_wait_s"] = m["generation_wait"]
+                out["perf/engine_generation_s"] = m["engine_generation"]
+                out["perf/generation_hidden_frac"] = max(0.0, 1.0 - m["generation_wait"] / m["engine_generation"])
         if s["groups"] > 0:
             out["rollout/zero_std_group_frac"] = s["zero_std_groups"] / s["groups"]
             out["rollout/dropped_group_frac"] = s["dropped_groups"] / s["groups"]

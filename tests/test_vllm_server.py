@@ -58,6 +58,22 @@ def test_max_staleness_needs_an_engine_that_generates_in_the_background():
         RolloutDataModule(train_data=AdditionSource(num_problems=8), reward_funcs=[exact_match], max_staleness=2)
 
 
+def test_generation_hidden_behind_training_is_logged():
+    """RolloutMonitor's perf/generation_wait_s, perf/engine_generation_s and
+    perf/generation_hidden_frac: the engine took 2.0 s on the rollout, the trainer waited 0.5 s of it
+    (the rest ran while it trained): hidden 1 - 0.5 / 2.0 = 0.75; synchronous (wait = engine time): 0."""
+    from callbacks.rollout import MAX_KEYS, SUM_KEYS, RolloutMonitor
+
+    sums, maxes = dict.fromkeys(SUM_KEYS, 0.0), dict.fromkeys(MAX_KEYS, 0.0)
+    sums["responses"] = 8.0
+    out = RolloutMonitor.summarize(sums, {**maxes, "generation_wait": 0.5, "engine_generation": 2.0})
+    assert (out["perf/generation_wait_s"], out["perf/engine_generation_s"]) == (0.5, 2.0)
+    assert out["perf/generation_hidden_frac"] == pytest.approx(0.75)
+    assert RolloutMonitor.summarize(sums, {**maxes, "generation_wait": 2.0, "engine_generation": 2.0})[
+        "perf/generation_hidden_frac"] == 0.0
+    assert "perf/generation_hidden_frac" not in RolloutMonitor.summarize(sums, maxes)  # no generation timed
+
+
 def test_one_step_off_policy_with_a_stand_in_engine(tiny_model_dir, tmp_path):
     """The DataModule's side of ``max_staleness: 1`` without vLLM (tests/async_toys.SnapshotHFEngine:
     transformers sampling from a copy of the weights taken at each push): rollout 0 is sampled from

@@ -36,6 +36,9 @@ class Generation:
     # The weights it sampled from, as the engine knows them (the ``version`` of the last
     # ``sync_weights``); None: the engine does not track it (it samples from the live policy).
     policy_version: int | None = None
+    # Seconds the engine spent on it, from the request to the answer, when it generates in a process of
+    # its own (``submit``: the trainer may have trained meanwhile); None: the caller's wait is the time.
+    seconds: float | None = None
 
 
 class Pending:

@@ -324,9 +324,10 @@ class VLLMServerEngine(RolloutEngine):
                              "max_new_tokens": sampling.max_new_tokens, "greedy": sampling.greedy},
                 "seeds": [_request_seed(sampling, i) for i in range(len(prompt_ids))],
                 "stop_token_ids": self.stop_ids, "logprobs": self.return_logprobs}
+        start = time.perf_counter()
         answer = self._call("POST", "/generate", body, self.request_timeout_s, doing)
         return Generation(answer["token_ids"], answer["truncated"], answer.get("logprobs"),
-                          policy_version=answer.get("weight_version"))
+                          policy_version=answer.get("weight_version"), seconds=time.perf_counter() - start)
 
     # ----- HTTP -----------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: dict | None, timeout: float, doing: str) -> dict:

@@ -198,6 +198,7 @@ class RolloutDataModule(L.LightningDataModule):
                               f"{type(self.engine).__name__} cannot")
         self._inflight: dict[int, tuple] = {}  # epoch -> (rows, encoded prompts, Pending) of its first round
         self._round_versions: list[int | None] = []  # the weights each round of the current rollout sampled from
+        self._round_times: list[tuple[float, float]] = []  # per round: (trainer's wait, engine's seconds)
 
     # ----- plumbing ---------------------------------------------------------------------------
     @property
@@ -336,17 +337,21 @@ class RolloutDataModule(L.LightningDataModule):
         """G completions for each of ``rows``, with rewards and group advantages."""
         G = self.num_generations
         if round_ == 0:
-            self._round_versions = []
+            self._round_versions, self._round_times = [], []
         inflight = self._inflight.pop(epoch, None) if round_ == 0 else None
         if inflight is not None and [r["prompt"] for r in inflight[0]] == [r["prompt"] for r in rows]:
             _, encoded, pending = inflight
+            start = time.perf_counter()
             gen = pending.result()
         else:
             self._sync_engine()  # no-op unless a round in flight held the push back
             encoded = self.encoder.encode([r["prompt"] for r in rows])
             self.engine.activity = f"generating rollout {epoch}" + (f" (round {round_ + 1})" if round_ else "")
+            start = time.perf_counter()
             with self._generation_context():
                 gen = self.engine.generate(encoded.ids, self._sampling(epoch, round_), self.module.policy)
+        waited = time.perf_counter() - start
+        self._round_times.append((waited, waited if gen.seconds is None else gen.seconds))
         # Engines that track no version sample from the weights of now (the sync just ran).
         self._round_versions.append(self.trainer.global_step if gen.policy_version is None else gen.policy_version)
         texts = self.tokenizer.batch_decode(gen.token_ids, skip_special_tokens=True)
@@ -427,7 +432,9 @@ class RolloutDataModule(L.LightningDataModule):
                               is_weights=behaviour.weights if behaviour and self.tis_cap is not None else None,
                               is_cap=self.tis_cap or 0.0, samples=self.num_samples_logged,
                               behaviour_ratio=behaviour.ratios if behaviour else None,
-                              behaviour_masked=behaviour.masked if behaviour else 0)
+                              behaviour_masked=behaviour.masked if behaviour else 0,
+                              generation_wait_s=sum(w for w, _ in self._round_times),
+                              engine_generation_s=sum(g for _, g in self._round_times))
         if stats.prompt_truncated and not self._warned_truncation:
             self._warned_truncation = True
             self._say(f"data.max_prompt_length: {stats.prompt_truncated} of {stats.num_groups} prompts of this "

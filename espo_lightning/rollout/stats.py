@@ -38,6 +38,8 @@ class RolloutStats:
     reward_timeouts: int = 0  # completions on which a reward function hit its time limit
     policy_version: int | None = None  # trainer global step of the oldest weights a round sampled from
     staleness: int = 0  # rollouts trained since those weights (data.max_staleness bounds it)
+    generation_wait_s: float = 0.0  # the trainer blocked on the engine's generate calls / submitted results
+    engine_generation_s: float = 0.0  # the engine's own time on them (request to answer); = the wait when in-process
 
     @property
     def reward_mean(self) -> float:

@@ -60,6 +60,48 @@ def test_the_shipped_comparison_file_parses(monkeypatch):
     assert {"ESPO", "GSPO", "GRPO", "DAPO"} <= set(plan.methods) and len(plan.seeds) >= 3
 
 
+def test_reference_method_must_be_a_method_and_paper_claims_a_bool(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = {"base": "conf/chain.yaml", "methods": {"A": [], "B": []}, "seeds": [0]}
+    plan = load_plan(_write(tmp_path, **base, reference_method="A", paper_claims=False))
+    assert plan.reference_method == "A" and plan.paper_claims is False
+    assert load_plan(_write(tmp_path, **base)).reference_method is None
+    with pytest.raises(ConfigError, match=r"'reference_method' must name one of the methods \['A', 'B'\], got 'C'"):
+        load_plan(_write(tmp_path, **base, reference_method="C"))
+    with pytest.raises(ConfigError, match="'paper_claims' must be true or false"):
+        load_plan(_write(tmp_path, **base, paper_claims="no"))
+
+
+def _final(seed: int, accuracy: float) -> RunCurves:
+    return RunCurves("M", seed, {"val/accuracy": (np.array([0, 7]), np.array([0.5, accuracy]), np.array([0.0, 1.0])),
+                                 "reward/mean": (np.array([3, 7]), np.array([0.1, 0.2]), np.array([0.5, 1.0]))},
+                     steps_per_rollout=4)
+
+
+def test_accuracy_held_against_the_reference_within_the_seed_band(tmp_path):
+    """Final accuracies: reference 0.70, 0.72, 0.74 (mean 0.72, std 0.02); "near" 0.69, 0.70, 0.71
+    (mean 0.70, std 0.01): -0.02, within the band max(0.02, 0.01) = 0.02, held; "low" 0.60, 0.61,
+    0.62: -0.11, below it, not held; "high" 0.80 (one seed, std 0): +0.08, above it, held."""
+    from espo_lightning.compare.plan import ComparePlan
+    from espo_lightning.compare.report import accuracy_held, write
+
+    groups = {"sync": [_final(s, a) for s, a in enumerate([0.70, 0.72, 0.74])],
+              "near": [_final(s, a) for s, a in enumerate([0.69, 0.70, 0.71])],
+              "low": [_final(s, a) for s, a in enumerate([0.60, 0.61, 0.62])],
+              "high": [_final(0, 0.80)]}
+    near, low, high = accuracy_held(groups, "sync")
+    assert near.startswith("- near: **held**: final val/accuracy 0.700 ± 0.010 (3 seeds) against sync 0.720 ± 0.020 "
+                           "(3 seeds), difference -0.020, seed band 0.020 (within it)"), near
+    assert low.startswith("- low: **not held**") and "difference -0.110" in low and "(below it)" in low, low
+    assert high.startswith("- high: **held**") and "(1 seeds)" in high and "(above it)" in high, high
+    assert accuracy_held({"other": groups["near"]}, "sync")[0].startswith("- Not tested")
+    # the report gets the section and, without the paper's claims, none of them
+    plan = ComparePlan(base=[], methods={m: [] for m in groups}, seeds=[0, 1, 2], reference_method="sync",
+                       paper_claims=False)
+    text = write(tmp_path, plan, groups, {}, "cmd").read_text()
+    assert "## Final accuracy against sync" in text and near in text and "The paper's claims" not in text
+
+
 def test_spearman_by_hand():
     assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 30.0, 40.0])) == pytest.approx(1.0)
     assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([4.0, 3.0, 1.0, 2.0])) == pytest.approx(-0.8)

@@ -17,9 +17,9 @@ CPU_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.
                  "--trainer.strategy=auto", "--trainer.precision=32-true"]
 # Baselines are written to compose on top of the quickstart.
 OVERLAYS = {"gspo.yaml", "grpo.yaml", "dapo.yaml", "cispo.yaml", "sapo.yaml", "clip_cov.yaml", "kl_cov.yaml",
-            "entropy_mask.yaml"}
+            "entropy_mask.yaml", "async_off.yaml"}
 # Files of `python -m espo_lightning.compare`, not trainer configs (their methods are built below).
-COMPARISONS = {"compare.yaml", "compare_entropy.yaml"}
+COMPARISONS = {"compare.yaml", "compare_entropy.yaml", "compare_async.yaml"}
 
 
 def build(args: list[str]) -> ESPOLightningCLI:
@@ -110,3 +110,21 @@ def test_paper_config_values():
     assert list(sets) == ["math500", "aime24", "aime25", "hmmt"] and sets["math500"].greedy
     assert all(sets[n].k == 32 and sets[n].temperature == 1.0 and not sets[n].greedy for n in ("aime24", "aime25", "hmmt"))
     assert all(s.max_new_tokens == 16384 for s in sets.values())
+
+
+def test_both_sides_of_the_async_comparison_instantiate(tmp_path, monkeypatch):
+    """conf/compare_async.yaml (issue 30): ESPO on the vLLM server with max_staleness 1 beside the
+    same with max_staleness 0 (conf/async_off.yaml), 3 seeds, the synchronous side the reference."""
+    from espo_lightning.compare.plan import load_plan
+
+    monkeypatch.chdir(CONF.parent)
+    plan = load_plan("conf/compare_async.yaml")
+    assert plan.seeds == [0, 1, 2] and plan.reference_method == "ESPO-sync" and not plan.paper_claims
+    staleness = {"ESPO-sync": 0, "ESPO-async": 1}
+    assert set(plan.methods) == set(staleness)
+    for method, overlays in plan.methods.items():
+        configs = [arg for path in plan.base + overlays for arg in ("--config", path)]
+        cli = build(configs + plan.overrides + [f"--trainer.default_root_dir={tmp_path}"])
+        assert type(cli.model.loss_fn).__name__ == "ESPOLoss", method
+        assert type(cli.datamodule.engine).__name__ == "VLLMServerEngine", method
+        assert cli.datamodule.max_staleness == staleness[method], method

@@ -13,7 +13,8 @@ import yaml
 
 from espo_lightning.errors import ConfigError
 
-KEYS = {"base", "methods", "seeds", "overrides", "target_accuracy", "smooth", "espo_method", "gspo_method"}
+KEYS = {"base", "methods", "seeds", "overrides", "target_accuracy", "smooth", "espo_method", "gspo_method",
+        "reference_method", "paper_claims"}
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ComparePlan:
     smooth: float = 0.6
     espo_method: str = "ESPO"
     gspo_method: str = "GSPO"
+    reference_method: str | None = None  # the report says whether each other method's final accuracy held against it
+    paper_claims: bool = True  # the report's section on the ESPO paper's three claims
     source: str = ""
 
     def runs(self, out: Path) -> list["Run"]:
@@ -100,4 +103,12 @@ def load_plan(path: str | Path) -> ComparePlan:
     for key in ("espo_method", "gspo_method"):
         if key in raw:
             setattr(plan, key, str(raw[key]))
+    reference = raw.get("reference_method")
+    if reference is not None and str(reference) not in methods:
+        raise ConfigError(f"{path}: 'reference_method' must name one of the methods {sorted(methods)}, got {reference!r}")
+    plan.reference_method = None if reference is None else str(reference)
+    claims = raw.get("paper_claims", True)
+    if not isinstance(claims, bool):
+        raise ConfigError(f"{path}: 'paper_claims' must be true or false, got {claims!r}")
+    plan.paper_claims = claims
     return plan

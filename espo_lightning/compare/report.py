@@ -147,6 +147,31 @@ def claim_convergence(groups, plan: ComparePlan) -> str:
             "makes this coarse).\n" + "\n".join(lines))
 
 
+def accuracy_held(groups, reference: str) -> list[str]:
+    """Per method other than ``reference``: whether its final val/accuracy held against the
+    reference's, i.e. its mean over seeds is not below the reference's mean by more than the seed band
+    (the larger of the two standard deviations over seeds, as in claim 3). One seed each: no band, so
+    any drop counts as not held."""
+    ref = _stats([final_accuracy(r) for r in groups.get(reference, [])])
+    if not ref[2]:
+        return [f"- Not tested: the reference method '{reference}' has no finished run with val/accuracy."]
+    lines = []
+    for method, runs in groups.items():
+        if method == reference:
+            continue
+        own = _stats([final_accuracy(r) for r in runs])
+        if not own[2]:
+            lines.append(f"- {method}: not tested (no val/accuracy logged).")
+            continue
+        band, diff = max(ref[1], own[1]), own[0] - ref[0]
+        within = abs(diff) <= band + 1e-9  # a difference of exactly the band is within it (float rounding)
+        held = within or diff > 0
+        lines.append(f"- {method}: {_verdict(held)}: final val/accuracy {own[0]:.3f} ± {own[1]:.3f} ({own[2]} seeds) against "
+                     f"{reference} {ref[0]:.3f} ± {ref[1]:.3f} ({ref[2]} seeds), difference {diff:+.3f}, seed band "
+                     f"{band:.3f} ({'within' if within else 'above' if diff > 0 else 'below'} it).")
+    return lines
+
+
 def _mean_rollouts(values) -> float:
     return float("inf") if any(v is None for v in values) else float(np.mean(values))
 
@@ -216,12 +241,14 @@ def write(out: Path, plan: ComparePlan, groups: dict[str, list[RunCurves]], figu
         "training; s / step is the median rollout's generation, scoring and update time divided by its "
         "optimizer steps; time to target is wall-clock from the evaluation before the first update.",
         "",
-        "## The paper's claims at this scale",
-        "",
-        claim_underutilization(groups, plan),
-        claim_entropy_clip(groups, plan),
-        claim_convergence(groups, plan),
-        "",
+        *([f"## Final accuracy against {plan.reference_method}", "",
+           "Held: the method's mean final val/accuracy is not below the reference's by more than the seed band "
+           "(the larger standard deviation over seeds of the two).", "",
+           *accuracy_held(groups, plan.reference_method), ""] if plan.reference_method else []),
+        *(["## The paper's claims at this scale", "",
+           claim_underutilization(groups, plan),
+           claim_entropy_clip(groups, plan),
+           claim_convergence(groups, plan), ""] if plan.paper_claims else []),
         "## Figures",
         "",
     ]

@@ -2,11 +2,15 @@
 
 Without vLLM: argument checks, a server that hangs (a stand-in HTTP server that never answers) and
 one that is not there end in one ``EngineError`` line naming the server and what it was doing,
-within the timeout; ``max_staleness`` refuses an engine that cannot generate in the background.
+within the timeout; ``max_staleness`` refuses an engine that cannot generate in the background;
+``weight_transfer`` (``auto`` resolves to the NCCL group only for a CUDA policy and a server that
+offers it; ``collective`` where it cannot run ends in one line) and the metadata the NCCL path
+announces before its broadcast (equal to what it sends, dense and Qwen3-MoE).
 
 With the CPU build of vLLM: one server launched by the engine serves the unit tests of this module
-(generation, log-probs against the trainer's after a weight push, background submit, clean
-shutdown); two training runs through the CLI launch their own: 3 rollouts at ``max_staleness: 1``,
+(generation, log-probs against the trainer's after a weight push, background submit, the NCCL
+endpoints refused in one line, clean shutdown); a server launched for ``collective`` on CPU says
+why it cannot and the first push ends in that line; two training runs through the CLI launch their own: 3 rollouts at ``max_staleness: 1``,
 and one whose server is SIGKILLed mid-run."""
 from __future__ import annotations
 
@@ -160,6 +164,100 @@ def test_a_server_that_is_not_there_ends_in_one_line():
         engine.setup(policy, tok)
 
 
+def _on(device: str):
+    """A stand-in policy whose parameters live on ``device`` (``choose_transfer`` reads nothing else)."""
+    return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+
+
+OFFERED = {"available": True, "workers": 2, "reason": ""}
+REFUSED = {"available": False, "workers": 1, "reason": "collective (NCCL) weight transfer needs CUDA and this "
+                                                       "server's vLLM runs on CPU; use weight_transfer: file"}
+
+
+@pytest.mark.parametrize("mode, device, offer, path", [
+    ("auto", "cuda", OFFERED, "collective"), ("auto", "cpu", OFFERED, "file"), ("auto", "cuda", REFUSED, "file"),
+    ("auto", "cpu", REFUSED, "file"), ("file", "cuda", OFFERED, "file"), ("collective", "cuda", OFFERED, "collective")])
+def test_auto_takes_the_nccl_group_only_for_a_cuda_policy_and_a_server_that_offers_it(mode, device, offer, path):
+    from espo_lightning.engines import VLLMServerEngine
+
+    engine = VLLMServerEngine(base_url="http://127.0.0.1:1", weight_transfer=mode)
+    engine.url, engine._collective = engine.base_url, offer
+    assert engine.choose_transfer(_on(device)) == path
+
+
+def test_collective_refuses_in_one_line_where_it_cannot_run():
+    from espo_lightning.engines import VLLMServerEngine
+
+    engine = VLLMServerEngine(base_url="http://127.0.0.1:1", weight_transfer="collective")
+    engine.url, engine._collective = engine.base_url, REFUSED
+    with pytest.raises(EngineError, match=r"^vLLM server http://127.0.0.1:1 cannot take weights over NCCL "
+                                          r"\(weight_transfer: collective\): .*needs CUDA.*use weight_transfer: file$"):
+        engine.choose_transfer(_on("cuda"))
+    engine._collective = OFFERED
+    with pytest.raises(ConfigError, match=r"^data\.engine\.init_args\.weight_transfer 'collective' needs the policy "
+                                          r"on CUDA, it is on cpu"):
+        engine.choose_transfer(_on("cpu"))
+    with pytest.raises(ConfigError, match=r"data\.engine\.init_args\.collective_port"):
+        VLLMServerEngine(collective_port=70000)
+
+
+def test_a_failed_nccl_push_is_one_line_and_still_runs_the_gathers(monkeypatch):
+    """Whatever breaks on rank 0 (here the group's rendezvous), every tensor is still iterated (under
+    FSDP2 the other ranks are in the gathers) and the error is one ``EngineError`` line."""
+    from espo_lightning.engines import VLLMServerEngine
+
+    engine = VLLMServerEngine(base_url="http://127.0.0.1:1", weight_transfer="collective")
+    engine.url, engine._collective, engine._dtype, engine.transfer = engine.base_url, OFFERED, "float32", "collective"
+    seen = []
+
+    def weights(policy, dtype):
+        for name in ("a", "b", "c"):
+            seen.append(name)
+            yield name, torch.zeros(2)
+
+    monkeypatch.setattr("espo_lightning.engines.vllm_weights.engine_weights", weights)
+    monkeypatch.setattr(engine, "_join_group", lambda: (_ for _ in ()).throw(RuntimeError("NCCL error:\nunhandled")))
+    with pytest.raises(EngineError, match=r"^vLLM server http://127.0.0.1:1: the NCCL weight push failed: "
+                                          r"RuntimeError: NCCL error: unhandled$"):
+        engine.sync_weights(torch.nn.Linear(2, 2))
+    assert seen == ["a", "b", "c"] and not engine._synced
+
+
+def _tiny(kind: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    if kind == "moe":
+        config = Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                decoder_sparse_step=1)
+    else:
+        config = LlamaConfig(**common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_the_announced_metadata_is_what_the_broadcast_sends(kind):
+    """The NCCL receiver sizes its buffers from names, dtypes and shapes announced before any tensor
+    is gathered: they equal what ``engine_weights`` then yields, in order (Qwen3-MoE: the fused
+    in-memory experts reverted to per-expert checkpoint tensors on meta tensors); a tensor that
+    disagrees is an error naming it."""
+    from espo_lightning.engines.vllm_server_engine import _checked
+    from espo_lightning.engines.vllm_weights import engine_weight_metadata, engine_weights
+
+    model = _tiny(kind)
+    sent = [(n, t.dtype, tuple(t.shape)) for n, t in engine_weights(model, torch.bfloat16)]
+    assert engine_weight_metadata(model, torch.bfloat16) == sent
+    if kind == "moe":
+        assert any(".experts.3.gate_proj.weight" in n for n, _, _ in sent)
+    meta = engine_weight_metadata(model, torch.bfloat16)
+    assert [n for n, _ in _checked(engine_weights(model, torch.bfloat16), meta)] == [n for n, _, _ in sent]
+    meta[1] = (meta[1][0], torch.float32, meta[1][2])
+    with pytest.raises(ValueError, match=rf"^tensor 1 is '{re.escape(sent[1][0])}' torch.bfloat16 .* announced"):
+        list(_checked(engine_weights(model, torch.bfloat16), meta))
+
+
 # ----- one launched server (the CPU build) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
@@ -244,6 +342,46 @@ def test_submit_generates_in_the_background_from_the_pushed_weights(served):
     assert gen.policy_version == 0
 
 
+def _post(url: str, path: str, body: dict) -> tuple[int, dict]:
+    """POST without the engine (whose error path would kill the shared server)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+INIT_INFO = {"master_address": "127.0.0.1", "master_port": 29555, "rank_offset": 1, "world_size": 2, "packed": True}
+UPDATE_INFO = {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[128]]}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_file_server_answers_the_nccl_protocol_with_one_line(served):
+    """A server started without ``--weight-transfer nccl``: ``/health`` says so, ``auto`` took the
+    file path, and the NCCL endpoints answer HTTP 400 in one line (a malformed request names its
+    fault) without touching the engine, which still generates."""
+    engine, policy, tok = served
+    assert engine.transfer == "file" and engine._collective["available"] is False
+    assert engine._collective["workers"] == 1
+    for path, body in (("/init_weight_transfer_engine", {"init_info": INIT_INFO}),
+                       ("/update_weights", {"update_info": UPDATE_INFO})):
+        assert _post(engine.url, path, body) == (
+            400, {"error": "the server was not started with --weight-transfer nccl"})
+    code, answer = _post(engine.url, "/update_weights", {"update_info": {**UPDATE_INFO, "shapes": []}})
+    assert code == 400 and answer["error"].startswith(
+        "bad update_info: ValueError: `shapes` should be of the same size")
+    code, answer = _post(engine.url, "/init_weight_transfer_engine", {"init_info": {"world_size": 2}})
+    assert code == 400 and answer["error"].startswith("bad init_info: TypeError")
+    p = [tok.encode(f"{a}+{b}=") for a, b in PROBLEMS]
+    assert _diff(policy, p, engine.generate(p, Sampling(n=2, max_new_tokens=4, seed=3), policy), 2) <= 1e-4
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_teardown_stops_the_launched_server(served):
@@ -254,6 +392,36 @@ def test_teardown_stops_the_launched_server(served):
     assert engine.process is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_collective_on_a_cpu_server_ends_in_one_line(model_dir):
+    """``weight_transfer: collective`` launches the server with ``--weight-transfer nccl``; on the CPU
+    build it cannot build the NCCL receiver, says why in ``/health``, refuses ``/init_weight_transfer_engine``
+    in one line before any rendezvous, and the first push raises that line (no hang)."""
+    pytest.importorskip("vllm", reason=VLLM_REASON)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from espo_lightning.engines import VLLMServerEngine
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = VLLMServerEngine(max_model_len=64, weight_transfer="collective", start_timeout_s=600)
+    engine.setup(policy, tok)
+    try:
+        assert engine._collective == {"available": False, "workers": 1, "reason": REFUSED["reason"]}
+        assert _post(engine.url, "/init_weight_transfer_engine", {"init_info": INIT_INFO}) == (
+            400, {"error": REFUSED["reason"]})
+        start = time.monotonic()
+        with pytest.raises(EngineError) as err:
+            engine.sync_weights(policy, version=0)
+        assert time.monotonic() - start < 5 and "\n" not in str(err.value)
+        assert str(err.value) == (f"vLLM server {engine.url} cannot take weights over NCCL (weight_transfer: "
+                                  f"collective): {REFUSED['reason']}")
+        assert "--weight-transfer nccl needs CUDA" in Path(engine.log_path).read_text()
+    finally:
+        engine.teardown()
 
 
 @pytest.mark.vllm

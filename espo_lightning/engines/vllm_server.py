@@ -12,6 +12,14 @@ can be reloaded into its worker) and serves a small JSON API over HTTP with the 
 - ``POST /load_weights``: ``{"path": ".../x.safetensors", "version": v}``: the file's tensors go
   through the worker's in-place ``reload_weights`` (as ``VLLMEngine`` does), then the prefix cache
   is reset; the answer names the layers that received nothing, if any.
+- ``POST /init_weight_transfer_engine``: ``{"init_info": {master_address, master_port, rank_offset,
+  world_size, packed, ...}}``: the workers join the trainer's NCCL group (vLLM's
+  ``NCCLWeightTransferInitInfo``); it answers once the group is formed, so the trainer joins as rank 0
+  while the request is in flight. Needs ``--weight-transfer nccl`` and CUDA; refused in one line
+  otherwise (before any rendezvous).
+- ``POST /update_weights``: ``{"update_info": {names, dtype_names, shapes}, "version": v}``: start a
+  weight update, receive the tensors the trainer broadcasts in that order (vLLM's NCCL engine, loaded
+  through the layerwise reload), finish it and reset the prefix cache; same answer as ``/load_weights``.
 - ``POST /shutdown``: answers, then exits.
 
 Requests are served one at a time (a lock around the engine): a weight load waits for the
@@ -58,6 +66,24 @@ class Server:
         self.lock = threading.Lock()
         self.weight_version: int | None = None  # None: still the weights it was started with
         self.stop = threading.Event()
+        self.collective_ready = False  # the NCCL group with the trainer is formed
+
+    def collective(self) -> dict:
+        """Whether the trainer can push weights over an NCCL group, and if not why (one line)."""
+        import torch
+
+        workers = 0
+        if self.llm is not None:
+            config = self.llm.llm_engine.vllm_config.parallel_config
+            workers = config.world_size * config.data_parallel_size
+        if self.args.weight_transfer != "nccl":
+            return {"available": False, "workers": workers,
+                    "reason": "the server was not started with --weight-transfer nccl"}
+        if not torch.cuda.is_available():
+            return {"available": False, "workers": workers,
+                    "reason": "collective (NCCL) weight transfer needs CUDA and this server's vLLM runs on CPU; "
+                              "use weight_transfer: file"}
+        return {"available": True, "workers": workers, "reason": ""}
 
     def build(self) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process: in-place reload
@@ -79,6 +105,13 @@ class Server:
                       generation_config="vllm", logprobs_mode="processed_logprobs", dtype=self.args.dtype,
                       seed=self.args.seed, enforce_eager=self.args.enforce_eager,
                       max_model_len=self.args.max_model_len, trust_remote_code=True)
+        if self.args.weight_transfer == "nccl":
+            import torch
+
+            if torch.cuda.is_available():  # the workers build vLLM's NCCL receiver at load
+                kwargs["weight_transfer_config"] = {"backend": "nccl"}
+            else:
+                log.warning("vllm_server: --weight-transfer nccl needs CUDA; only /load_weights (the file path) works")
         kwargs.update(json.loads(self.args.vllm_kwargs or "{}"))
         start = time.perf_counter()
         self.llm = vllm.LLM(**kwargs)
@@ -118,6 +151,61 @@ class Server:
         return {"failed_layers": sorted(set(failures.layers)), "tensors": len(weights),
                 "seconds": time.perf_counter() - start, "weight_version": self.weight_version}
 
+    def init_weight_transfer(self, body: dict) -> dict:
+        """Join the trainer's NCCL group (blocks until the trainer, rank 0, joins too)."""
+        from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+
+        info = _parse(NCCLWeightTransferInitInfo, body, "init_info")  # validates the rendezvous fields
+        state = self.collective()
+        if not state["available"]:
+            raise Refused(state["reason"])
+        if info.world_size != state["workers"] + info.rank_offset:
+            raise Refused(f"world_size {info.world_size} != rank_offset {info.rank_offset} + "
+                          f"{state['workers']} server workers")
+        start = time.perf_counter()
+        with self.lock:
+            self.llm.init_weight_transfer_engine({"init_info": body["init_info"]})
+            self.collective_ready = True
+        log.info("vllm_server: NCCL weight-transfer group formed (world size %d) in %.1fs", info.world_size,
+                 time.perf_counter() - start)
+        return {"ok": True, "workers": state["workers"]}
+
+    def update_weights(self, body: dict) -> dict:
+        """Receive one full set of weights broadcast by the trainer over the NCCL group."""
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo
+
+        from espo_lightning.engines.vllm_weights import watch_load_failures
+
+        info = _parse(NCCLWeightTransferUpdateInfo, body, "update_info")  # the three lists agree in length
+        state = self.collective()
+        if not state["available"]:
+            raise Refused(state["reason"])
+        if not self.collective_ready:
+            raise Refused("no NCCL group yet: POST /init_weight_transfer_engine first")
+        start = time.perf_counter()
+        with self.lock:
+            with watch_load_failures() as failures:
+                self.llm.start_weight_update()
+                self.llm.update_weights({"update_info": body["update_info"]})
+                self.llm.finish_weight_update()
+            self.llm.reset_prefix_cache()
+            if not failures.layers:
+                self.weight_version = body.get("version")
+        return {"failed_layers": sorted(set(failures.layers)), "tensors": len(info.names),
+                "seconds": time.perf_counter() - start, "weight_version": self.weight_version}
+
+
+class Refused(Exception):
+    """A request the server cannot serve as configured (answered HTTP 400, one line)."""
+
+
+def _parse(cls, body: dict, key: str):
+    """``cls(**body[key])`` (one of vLLM's weight-transfer dataclasses), a bad one refused in one line."""
+    try:
+        return cls(**body[key])
+    except (KeyError, TypeError, ValueError) as err:
+        raise Refused(f"bad {key}: {type(err).__name__}: {err}") from None
+
 
 def make_handler(server: Server):
     class Handler(BaseHTTPRequestHandler):
@@ -139,7 +227,8 @@ def make_handler(server: Server):
                 return self._answer(404, {"error": f"no such endpoint: GET {self.path}"})
             ready = server.llm is not None
             self._answer(200 if ready else 503, {"ready": ready, "pid": os.getpid(),
-                                                 "weight_version": server.weight_version})
+                                                 "weight_version": server.weight_version,
+                                                 "collective": server.collective()})
 
         def do_POST(self):
             length = int(self.headers.get("Content-Length", 0))
@@ -151,13 +240,18 @@ def make_handler(server: Server):
                 self._answer(200, {"ok": True})
                 server.stop.set()
                 return
-            route = {"/generate": server.generate, "/load_weights": server.load_weights}.get(self.path)
+            route = {"/generate": server.generate, "/load_weights": server.load_weights,
+                     "/init_weight_transfer_engine": server.init_weight_transfer,
+                     "/update_weights": server.update_weights}.get(self.path)
             if route is None:
                 return self._answer(404, {"error": f"no such endpoint: POST {self.path}"})
             if server.llm is None:
                 return self._answer(503, {"error": "the engine is still loading"})
             try:
                 self._answer(200, route(body))
+            except Refused as err:  # a bad or unservable request
+                log.warning("vllm_server: %s refused: %s", self.path, err)
+                self._answer(400, {"error": str(err)})
             except Exception as err:  # the client raises it as one line naming the server
                 log.exception("vllm_server: %s failed", self.path)
                 self._answer(500, {"error": f"{type(err).__name__}: {err}"})
@@ -189,6 +283,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--load-format", default="dummy", help="'dummy' (default: the trainer pushes weights) or 'auto'")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--weight-transfer", choices=("file", "nccl"), default="file",
+                   help="'nccl': also build vLLM's NCCL weight receiver (CUDA only); /load_weights always works")
     p.add_argument("--vllm-kwargs", default=None, help="JSON object of further vllm.LLM arguments")
     return p.parse_args(argv)
 

@@ -4,12 +4,21 @@ being ``espo_lightning.engines.vllm_server``: started by the engine (``launch``)
 log-probs of the sampled tokens.
 
 Weights (``weight_transfer``). After each rollout's updates the policy's full state dict
-(``vllm_weights.engine_weights``: checkpoint names, the engine's dtype, FSDP2 shards gathered) is
-written by rank 0 as one safetensors file under ``weights_dir`` (``/dev/shm`` by default: shared
-memory, no disk), the server reloads it in place (``reload_weights``, as ``VLLMEngine``) and the
-file is deleted. This "file" path works on CPU and across hosts (``weights_dir`` on a filesystem
-both see). A collective (NCCL) group between the trainer and the server's GPU workers is *not
-wired yet*: ``auto`` picks the file path and the log says so.
+(``vllm_weights.engine_weights``: checkpoint names, the engine's dtype, FSDP2 shards gathered on
+every rank) reaches the server by one of two paths, chosen at the first push and named in the log:
+
+- ``file``: rank 0 writes one safetensors file under ``weights_dir`` (``/dev/shm`` by default:
+  shared memory, no disk), the server reloads it in place (``reload_weights``, as ``VLLMEngine``)
+  and the file is deleted. Works on CPU and across hosts (``weights_dir`` on a filesystem both see).
+- ``collective``: rank 0 joins an NCCL group with the server's GPU workers (rank 0 + N workers;
+  vLLM 0.32's ``vllm.distributed.weight_transfer`` NCCL engine on the server, its TCPStore
+  rendezvous and packed broadcast on the trainer) and broadcasts each tensor from its GPU while the
+  server's ``/update_weights`` receives them through vLLM's layerwise reload: no host copy.
+  Needs CUDA on both sides and a server started with ``--weight-transfer nccl`` (a launched server
+  with ``launch.devices`` is).
+
+``auto`` takes ``collective`` when the policy is on CUDA and the server offers it (its ``/health``
+says so), else ``file``.
 
 Failures. Every request has a timeout (``request_timeout_s`` for generation, ``weights_timeout_s``
 for a weight push, ``start_timeout_s`` for the start). A server that exits, refuses the connection
@@ -70,9 +79,13 @@ class VLLMServerEngine(RolloutEngine):
             ``launch.devices`` is set.
         seed: Engine seed.
         return_logprobs: Return the engine's log-prob of each sampled token.
-        weight_transfer: "auto" or "file" (the only path wired: see the module docstring).
+        weight_transfer: "auto", "file" or "collective" (see the module docstring).
         weights_dir: Where the weight file is written for the server to read; default ``/dev/shm``
             (a folder both hosts see when the server runs elsewhere).
+        collective_address: The trainer's address the server's workers reach the NCCL group's
+            rendezvous at (rank 0 listens there); default: this host's address on the route to the
+            server (127.0.0.1 for a local one).
+        collective_port: Its port; 0: a free one.
         start_timeout_s: Longest wait for a launched server to answer ``/health``.
         request_timeout_s: Longest wait for one generation request.
         weights_timeout_s: Longest wait for one weight push.
@@ -92,8 +105,10 @@ class VLLMServerEngine(RolloutEngine):
         enforce_eager: bool | None = None,
         seed: int = 0,
         return_logprobs: bool = True,
-        weight_transfer: Literal["auto", "file"] = "auto",
+        weight_transfer: Literal["auto", "file", "collective"] = "auto",
         weights_dir: str | None = None,
+        collective_address: str | None = None,
+        collective_port: int = 0,
         start_timeout_s: float = 600.0,
         request_timeout_s: float = 600.0,
         weights_timeout_s: float = 300.0,
@@ -104,8 +119,9 @@ class VLLMServerEngine(RolloutEngine):
         _check(base_url is None or base_url.startswith(("http://", "https://")), "base_url",
                "must be an http(s):// URL", base_url)
         _check(dtype in ("auto", *TORCH_DTYPES), "dtype", f"must be one of {('auto', *TORCH_DTYPES)}", dtype)
-        _check(weight_transfer in ("auto", "file"), "weight_transfer",
-               "must be 'auto' or 'file' (the NCCL path is not wired yet)", weight_transfer)
+        _check(weight_transfer in ("auto", "file", "collective"), "weight_transfer",
+               "must be 'auto', 'file' or 'collective'", weight_transfer)
+        _check(0 <= collective_port < 65536, "collective_port", "must be a TCP port (0: a free one)", collective_port)
         for key, value in (("start_timeout_s", start_timeout_s), ("request_timeout_s", request_timeout_s),
                            ("weights_timeout_s", weights_timeout_s)):
             _check(value > 0, key, "must be > 0 (seconds)", value)
@@ -114,6 +130,10 @@ class VLLMServerEngine(RolloutEngine):
         self.enforce_eager = enforce_eager if enforce_eager is not None else not launch.get("devices")
         self.seed, self.return_logprobs = seed, return_logprobs
         self.weight_transfer = weight_transfer
+        self.collective_address, self.collective_port = collective_address, collective_port
+        self.transfer: str | None = None  # the path chosen at the first push: "file" or "collective"
+        self._collective: dict = {}  # what the server's /health says about the NCCL path
+        self._group = None  # rank 0's PyNcclCommunicator with the server's workers
         self.weights_dir = weights_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.start_timeout_s, self.request_timeout_s = start_timeout_s, request_timeout_s
         self.weights_timeout_s = weights_timeout_s
@@ -140,18 +160,23 @@ class VLLMServerEngine(RolloutEngine):
         self.stop_ids = stop_token_ids(policy, tokenizer)
         self._dtype = self._resolve_dtype(policy)
         url = error = None
+        collective = {}
         if _rank() == 0:
             try:
                 url = self.url = self.base_url or self._launch(policy)
-                self._health(self.start_timeout_s if self.process else self.request_timeout_s, "starting")
+                health = self._health(self.start_timeout_s if self.process else self.request_timeout_s, "starting")
+                collective = health.get("collective") or {
+                    "available": False, "workers": 0,
+                    "reason": "the server does not offer it (no 'collective' in /health)"}
             except Exception as err:
                 error = err
         if _distributed():  # the other ranks talk to rank 0's server
-            box = [url, None if error is None else str(error)]
+            box = [url, None if error is None else str(error), collective]
             dist.broadcast_object_list(box, src=0)
-            url = box[0]
+            url, collective = box[0], box[2]
             if box[1] is not None and error is None:
                 raise EngineError(box[1])
+        self._collective = collective
         if error is not None:
             self.url = None
             raise error
@@ -172,7 +197,13 @@ class VLLMServerEngine(RolloutEngine):
         if self._tmpdir is not None and not self._failed:  # after a failure the server's log stays
             shutil.rmtree(self._tmpdir, ignore_errors=True)
         self._tmpdir = None
-        self.url, self._synced = None, False
+        if self._group is not None:
+            try:
+                self._group.destroy()
+            except Exception:
+                pass
+            self._group = None
+        self.url, self._synced, self.transfer = None, False, None
 
     def _launch(self, policy) -> str:
         from espo_lightning.engines.vllm_start import architecture_folder
@@ -188,6 +219,8 @@ class VLLMServerEngine(RolloutEngine):
                "--enforce-eager" if self.enforce_eager else "--no-enforce-eager"]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.weight_transfer == "collective" or (self.weight_transfer == "auto" and self.launch.get("devices")):
+            cmd += ["--weight-transfer", "nccl"]  # the server also builds vLLM's NCCL receiver (CUDA only)
         if self.launch.get("vllm_kwargs"):
             cmd += ["--vllm-kwargs", json.dumps(self.launch["vllm_kwargs"])]
         if self.launch.get("cpus") is not None:
@@ -248,12 +281,40 @@ class VLLMServerEngine(RolloutEngine):
 
     # ----- weights ------------------------------------------------------------------------------
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
-        """Push the policy's weights through a safetensors file (rank 0 writes it, the server
-        reloads it). Under FSDP2 every rank must call it (the tensors are all-gathered)."""
-        from espo_lightning.engines.vllm_weights import engine_weights
-
+        """Push the policy's weights by the path chosen at the first push (``choose_transfer``):
+        a safetensors file the server reloads, or a broadcast over an NCCL group with its workers.
+        Under FSDP2 every rank must call it (the tensors are all-gathered)."""
         self._require_setup("sync_weights")
         start = time.perf_counter()
+        if self.transfer is None:
+            self.transfer = self.choose_transfer(policy)
+        if self.transfer == "collective":
+            self._sync_collective(policy, version)
+        else:
+            self._sync_file(policy, version)
+        self._synced, self._version = True, version
+        self.last_sync_s = time.perf_counter() - start
+
+    def choose_transfer(self, policy: torch.nn.Module) -> str:
+        """"file" or "collective": ``weight_transfer``, with ``auto`` resolved (collective when the
+        policy is on CUDA and the server offers the NCCL path). The same answer on every rank."""
+        device = next(policy.parameters()).device
+        offer = self._collective
+        if self.weight_transfer == "file":
+            return "file"
+        if self.weight_transfer == "collective":
+            if not offer.get("available"):
+                raise EngineError(f"vLLM server {self.url} cannot take weights over NCCL (weight_transfer: "
+                                  f"collective): {offer.get('reason', 'unknown')}")
+            if device.type != "cuda":
+                raise ConfigError(f"data.engine.init_args.weight_transfer 'collective' needs the policy on CUDA, it is "
+                                  f"on {device.type}; use 'file' or 'auto'")
+            return "collective"
+        return "collective" if device.type == "cuda" and offer.get("available") else "file"
+
+    def _sync_file(self, policy: torch.nn.Module, version: int | None) -> None:
+        from espo_lightning.engines.vllm_weights import engine_weights
+
         rank0, error = _rank() == 0, None
         tensors, storages = {}, set()
         for name, tensor in engine_weights(policy, TORCH_DTYPES[self._dtype]):
@@ -270,15 +331,88 @@ class VLLMServerEngine(RolloutEngine):
             except Exception as err:
                 error = err
             tensors = None
-        if _distributed():
-            box = [None if error is None else str(error)]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is not None and error is None:
-                raise EngineError(box[0])
-        if error is not None:
-            raise error
-        self._synced, self._version = True, version
-        self.last_sync_s = time.perf_counter() - start
+        _raise_on_every_rank(error)
+
+    def _sync_collective(self, policy: torch.nn.Module, version: int | None) -> None:
+        """Rank 0 broadcasts each tensor over the NCCL group as it is gathered; the other ranks
+        only take part in the gathers. An error on rank 0 still lets the gathers run to the end
+        (every rank must consume the iterator) and is raised on every rank."""
+        from espo_lightning.engines.vllm_weights import engine_weight_metadata, engine_weights
+
+        dtype = TORCH_DTYPES[self._dtype]
+        pairs = engine_weights(policy, dtype)
+        error = None
+        if _rank() == 0:
+            try:
+                if self._group is None:
+                    self._join_group()
+                self._broadcast(pairs, engine_weight_metadata(policy, dtype), version)
+            except EngineError as err:
+                error = err
+            except Exception as err:  # NCCL, CUDA, a metadata mismatch: one line naming the server
+                error = EngineError(f"vLLM server {self.url}: the NCCL weight push failed: "
+                                    f"{type(err).__name__}: {err}".replace("\n", " "))
+        for _ in pairs:  # the rest of the gathers (all of them on ranks > 0)
+            pass
+        _raise_on_every_rank(error)
+
+    def _join_group(self) -> None:
+        """Rank 0 opens the group's rendezvous (vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator``,
+        as ``vllm.distributed.weight_transfer.nccl_common.trainer_init``) while the server's workers
+        join it inside ``/init_weight_transfer_engine``."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
+        from vllm.utils.nccl import unpinned_nccl_env
+
+        workers = int(self._collective["workers"])
+        address = self.collective_address or _route_address(self.url)
+        port = self.collective_port or _free_port(address)
+        info = NCCLWeightTransferInitInfo(master_address=address, master_port=port, rank_offset=1,
+                                          world_size=1 + workers, packed=True)
+        _info(f"VLLMServerEngine: weights -> server via NCCL group (trainer rank 0 + {workers} server workers, "
+              f"rendezvous at {address}:{port}; weight_transfer={self.weight_transfer})")
+        exe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-server-weights")
+        try:
+            future = exe.submit(self._call, "POST", "/init_weight_transfer_engine",
+                                {"init_info": worker_init_payload(info)}, self.weights_timeout_s,
+                                "joining the NCCL weight-transfer group")
+            _fail_fast(future)  # a refused request surfaces here, not as a wait in the rendezvous
+            group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=1 + workers,
+                                                 store_timeout=int(self.weights_timeout_s))
+            with unpinned_nccl_env():
+                self._group = PyNcclCommunicator(group, device=torch.cuda.current_device())
+            future.result()
+        finally:
+            exe.shutdown(wait=False)  # never wait on a request stuck in a collective
+
+    def _broadcast(self, pairs, meta: list, version: int | None) -> None:
+        """Announce names, dtypes and shapes (``/update_weights``, in flight), then broadcast the
+        tensors in that order with vLLM's packed producer, as ``NCCLTrainerWeightTransferEngine``."""
+        from dataclasses import asdict
+
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+        info = NCCLWeightTransferUpdateInfo(names=[m[0] for m in meta],
+                                            dtype_names=[str(m[1]).split(".")[-1] for m in meta],
+                                            shapes=[list(m[2]) for m in meta])
+        self._pushes += 1
+        exe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-server-weights")
+        try:
+            future = exe.submit(self._call, "POST", "/update_weights",
+                                {"update_info": asdict(info), "version": version}, self.weights_timeout_s,
+                                "pushing weights")
+            _fail_fast(future)
+            packed_nccl_broadcast_producer(iterator=_checked(pairs, meta), group=self._group, src=0,
+                                           post_iter_func=lambda item: item[1])
+            torch.cuda.current_stream().synchronize()
+            answer = future.result()
+        finally:
+            exe.shutdown(wait=False)
+        if answer.get("failed_layers"):
+            raise EngineError(f"vLLM server {self.url}: received no weights for layers {answer['failed_layers']} and "
+                              "kept stale ones: the policy's weight names do not map to the served model's")
 
     def _push_file(self, tensors: dict, version: int | None) -> None:
         from safetensors.torch import save_file
@@ -287,8 +421,9 @@ class VLLMServerEngine(RolloutEngine):
         path = os.path.join(self.weights_dir, f"espo-weights-{os.getpid()}-{self._pushes}.safetensors")
         if not self._announced:
             self._announced = True
-            _info(f"VLLMServerEngine: weights -> server via file {path} (weight_transfer={self.weight_transfer}: the "
-                  "CPU / cross-host path; the NCCL path is not wired yet)")
+            why = {"file": "as configured", "auto": "auto: " + self._why_file()}.get(self.weight_transfer, "")
+            _info(f"VLLMServerEngine: weights -> server via file {path} (weight_transfer={self.weight_transfer}, "
+                  f"{why}; the CPU / cross-host path)")
         try:
             save_file(tensors, path)
             answer = self._call("POST", "/load_weights", {"path": path, "version": version}, self.weights_timeout_s,
@@ -299,6 +434,11 @@ class VLLMServerEngine(RolloutEngine):
         if answer.get("failed_layers"):
             raise EngineError(f"vLLM server {self.url}: received no weights for layers {answer['failed_layers']} and "
                               "kept stale ones: the policy's weight names do not map to the served model's")
+
+    def _why_file(self) -> str:
+        if not self._collective.get("available"):
+            return f"no NCCL path: {self._collective.get('reason', 'unknown')}"
+        return "the policy is not on CUDA"
 
     # ----- generation ---------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling, policy: torch.nn.Module) -> Generation:
@@ -354,7 +494,10 @@ class VLLMServerEngine(RolloutEngine):
     def _error(self, doing: str, what: str, kill: bool = True) -> EngineError:
         """One line naming the server and what it was doing; a launched server is killed."""
         if self.process is not None:
-            code = self.process.poll()
+            try:  # a server killed by a signal drops its connections a moment before it can be reaped
+                code = self.process.wait(timeout=0.5) if kill else self.process.poll()
+            except subprocess.TimeoutExpired:
+                code = None
             if code is not None:
                 what = f"exited with code {code}"
         pid = f" (pid {self.process.pid})" if self.process is not None else ""
@@ -385,6 +528,60 @@ def _distributed() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
+
+
+def _raise_on_every_rank(error: Exception | None) -> None:
+    """Rank 0's error (or None) raised on every rank: the others as ``EngineError`` with its line."""
+    if _distributed():
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            raise EngineError(box[0])
+    if error is not None:
+        raise error
+
+
+def _fail_fast(future, wait_s: float = 1.0) -> None:
+    """Raise a request's error if it comes within ``wait_s`` (the server refuses before any NCCL call)."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    try:
+        future.result(timeout=wait_s)
+    except FutureTimeout:
+        pass
+
+
+def _checked(pairs, meta: list):
+    """The tensors as announced (vLLM's ``_checked_iter``): a disagreement with the metadata is an
+    error naming the tensor, not a receiver that splits the stream differently and hangs."""
+    sent = 0
+    for name, tensor in pairs:
+        if sent >= len(meta):
+            raise ValueError(f"more tensors than announced ({len(meta)}); first extra {name!r}")
+        want = meta[sent]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want[0], want[1], tuple(want[2])):
+            raise ValueError(f"tensor {sent} is {name!r} {tensor.dtype} {tuple(tensor.shape)}, announced "
+                             f"{want[0]!r} {want[1]} {tuple(want[2])}")
+        sent += 1
+        yield name, tensor.contiguous()
+    if sent != len(meta):
+        raise ValueError(f"{sent} tensors sent, {len(meta)} announced")
+
+
+def _route_address(url: str) -> str:
+    """This host's address on the route to the server (where its workers can reach the rendezvous)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((parsed.hostname, parsed.port or 80))  # no packet is sent
+        return probe.getsockname()[0]
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
 
 
 def _check(ok: bool, key: str, rule: str, value) -> None:

@@ -75,6 +75,37 @@ def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None,
             yield from revert(policy, {name: value}).items()
 
 
+def engine_weight_metadata(policy: torch.nn.Module, dtype: torch.dtype | None,
+                           adapters: str = "merged") -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(checkpoint name, dtype, full shape) of what ``engine_weights`` yields, in its order, without
+    gathering anything (a DTensor's ``shape`` is the global one; a renaming or fused conversion is
+    replayed on meta tensors): what a receiver needs before a broadcast starts (the NCCL path)."""
+    if hasattr(policy, "peft_config"):  # merged weights have the base's names and shapes
+        from espo_lightning.policy.lora import base_state
+
+        items = base_state(policy)
+        policy = policy.get_base_model()
+    else:
+        items = policy.state_dict().items()
+    revert = None
+    if _conversions(policy):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        revert = revert_weight_conversion
+    meta = []
+    for name, value in items:
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        out = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        shape = tuple(value.shape)  # a DTensor's is the full one
+        if revert is None:
+            meta.append((name, out, shape))
+        else:
+            for key, tensor in revert(policy, {name: torch.empty(shape, dtype=out, device="meta")}).items():
+                meta.append((key, tensor.dtype, tuple(tensor.shape)))
+    return meta
+
+
 class LoadFailures(logging.Handler):
     """Collects vLLM's "<Layer>: Failed to load weights" warnings during one reload: that layer
     received none of the tensors sent and kept what it held before (random dummy weights on the

@@ -503,8 +503,10 @@ def test_three_rollouts_one_step_off_policy(model_dir, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_a_killed_server_ends_the_run_with_one_line(model_dir, tmp_path):
-    """SIGKILL the server while rollout 2 is in flight in it: the run ends within
-    ``request_timeout_s`` with one line naming the server, its pid and the rollout."""
+    """SIGKILL the server right after rollout 2 was submitted to it: the run ends within
+    ``request_timeout_s`` with one line naming the server, its pid and what the trainer was doing.
+    That is generating rollout 2, or, where the tiny model's rollout finished before the signal
+    landed (a loaded machine), the next weight push."""
     pytest.importorskip("vllm", reason=VLLM_REASON)
     pid_file = tmp_path / "pid"
     proc = fit(model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.KillServer",
@@ -517,7 +519,8 @@ def test_a_killed_server_ends_the_run_with_one_line(model_dir, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert re.fullmatch(rf"error: vLLM server http://127\.0\.0\.1:\d+ \(pid {pid}\) exited with code -9 while "
-                        r"generating rollout 2 \(in the background\); its log: \S+server\.log", errors[0]), errors[0]
+                        r"(generating rollout 2 \(in the background\)|pushing weights[^;]*); its log: \S+server\.log",
+                        errors[0]), errors[0]
     assert "Traceback" not in proc.stderr
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -495,7 +495,7 @@ class VLLMServerEngine(RolloutEngine):
         """One line naming the server and what it was doing; a launched server is killed."""
         if self.process is not None:
             try:  # a server killed by a signal drops its connections a moment before it can be reaped
-                code = self.process.wait(timeout=0.5) if kill else self.process.poll()
+                code = self.process.wait(timeout=2.0) if kill else self.process.poll()
             except subprocess.TimeoutExpired:
                 code = None
             if code is not None:

@@ -37,6 +37,31 @@ def _conversions(policy) -> bool:
     return any(not isinstance(m, PrefixChange) for m in mapping)
 
 
+def _sources(policy: torch.nn.Module, adapters: str):
+    """``((name without wrapper prefixes, tensor) pairs, the model whose conversions apply, the
+    reverse conversion or None)``. A PEFT (LoRA) policy gives its merged weights (``adapters:
+    "merged"``) or its frozen base (``"base"``) under the base's names."""
+    if hasattr(policy, "peft_config"):
+        from espo_lightning.policy.lora import base_state, merged_state
+
+        items = merged_state(policy) if adapters == "merged" else base_state(policy)
+        policy = policy.get_base_model()
+    else:
+        items = policy.state_dict().items()
+    revert = None
+    if _conversions(policy):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        revert = revert_weight_conversion
+
+    def strip(name: str) -> str:
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        return name
+
+    return ((strip(name), value) for name, value in items), policy, revert
+
+
 def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None,
                    adapters: str = "merged") -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, full tensor) for every state-dict entry, cast to ``dtype`` (None: as is).
@@ -49,21 +74,8 @@ def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None,
     with ``adapters="base"`` its frozen base alone (for an engine that applies the adapters itself)."""
     from torch.distributed.tensor import DTensor
 
-    if hasattr(policy, "peft_config"):  # LoRA: the merged weights (or the base) under the base's names
-        from espo_lightning.policy.lora import base_state, merged_state
-
-        items = merged_state(policy) if adapters == "merged" else base_state(policy)
-        policy = policy.get_base_model()
-    else:
-        items = policy.state_dict().items()
-    revert = None
-    if _conversions(policy):
-        from transformers.core_model_loading import revert_weight_conversion
-
-        revert = revert_weight_conversion
+    items, policy, revert = _sources(policy, adapters)
     for name, value in items:
-        for prefix in WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
         value = value.detach()
         if dtype is not None and value.is_floating_point() and value.dtype != dtype:
             value = value.to(dtype)  # on the shard: the gather moves engine-dtype bytes
@@ -80,22 +92,9 @@ def engine_weight_metadata(policy: torch.nn.Module, dtype: torch.dtype | None,
     """(checkpoint name, dtype, full shape) of what ``engine_weights`` yields, in its order, without
     gathering anything (a DTensor's ``shape`` is the global one; a renaming or fused conversion is
     replayed on meta tensors): what a receiver needs before a broadcast starts (the NCCL path)."""
-    if hasattr(policy, "peft_config"):  # merged weights have the base's names and shapes
-        from espo_lightning.policy.lora import base_state
-
-        items = base_state(policy)
-        policy = policy.get_base_model()
-    else:
-        items = policy.state_dict().items()
-    revert = None
-    if _conversions(policy):
-        from transformers.core_model_loading import revert_weight_conversion
-
-        revert = revert_weight_conversion
+    items, policy, revert = _sources(policy, "base")  # merged weights have the base's names and shapes
     meta = []
     for name, value in items:
-        for prefix in WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
         out = dtype if dtype is not None and value.is_floating_point() else value.dtype
         shape = tuple(value.shape)  # a DTensor's is the full one
         if revert is None:

@@ -7,13 +7,20 @@ transformer processes (real and pad), and the peak RSS, per layout:
 - ``packed``: ``model.packing``: the same planner counting real tokens up to ``--budget``, each
   micro-batch one ``[1, N]`` sequence (per-row SDPA on the CPU);
 - ``trl``: TRL's layout: micro-batches of ``--trl-rows`` rows in rollout order, each one rectangle as
-  wide as its longest prompt plus its longest completion.
+  wide as its longest prompt plus its longest completion, scored as TRL's ``GRPOTrainer`` scores
+  it (``--trl-head``): ``all`` (the default): TRL 1.16's fused LM head (``add_fused_lm_head``)
+  off Triton devices, this CPU included, projects every position of the rectangle (prompt, pad and
+  completion) and keeps the completion window's; ``valid``: as it does on CUDA with Triton, only
+  the valid completion positions.
 
     python benchmarks/packing.py [--repeats 3] [--responses 64] [--budget 8192] [--trl-rows 8]
+                                 [--trl-head all|valid]
 
 The model is Qwen3-shaped (hidden 256, 4 layers, 4 heads of 64, 2 KV heads, MLP 768) with the real
-vocabulary of 151,936 and a tied head, run through the fused LM head (only valid completion
-positions reach it, in every layout: the head's cost is the same in all three). The minibatch:
+vocabulary of 151,936 and a tied head, run through this project's fused LM head kernel in every
+layout (the same chunked kernel, so the layouts differ only in which positions reach it): in
+``padded`` and ``packed`` only valid completion positions reach it, so the head's cost is the same
+in both and the pad fraction bounds only the transformer's share of the step. The minibatch:
 ``--responses`` responses, prompts uniform in 64-256 tokens, completions log-normal with median 256
 (sigma 1), capped at 2,048: the shape of reasoning traces at 1/8 of the paper's 16k. One step =
 every micro-batch's forward + backward of a GRPO loss + AdamW. Each (repeat, layout) runs in a fresh
@@ -75,7 +82,35 @@ def _plan(layout: str, batch, budget: int, trl_rows: int):
                               budget, packed=layout == "packed")
 
 
-def child(layout: str, responses: int, budget: int, trl_rows: int) -> None:
+def trl_head_logprobs(model, micro, rows: int, with_entropy: bool):
+    """TRL's fused head off Triton devices: every position of the ``[B, T]`` rectangle reaches the
+    head (labels clamped, as ``add_fused_lm_head`` does when it cannot compact), and the completion
+    window's log-probs (and entropies) come back as ``[B, Lc]``, 0 off the completion mask."""
+    from espo_lightning.policy.lm_head import _FusedHeadLogprobs, _swapped_forward
+    from espo_lightning.policy.scoring import position_ids
+
+    head = model.get_output_embeddings()
+    mask = micro.completion_mask
+    b, lc = mask.shape
+    result = {}
+
+    def head_forward(hidden):  # [B, T, H] -> [B, T - 1]
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B (T - 1), H] every position
+        targets = micro.input_ids[:, 1:].reshape(-1)
+        logp, entropy = _FusedHeadLogprobs.apply(h, head.weight, head.bias, targets, float(micro.temperature),
+                                                 rows, with_entropy)
+        off = ~mask.bool()
+        result["logp"] = logp.view(b, -1)[:, -lc:].masked_fill(off, 0.0)  # [B, Lc]: TRL keeps the last Lc
+        result["entropy"] = entropy.view(b, -1)[:, -lc:].masked_fill(off, 0.0) if with_entropy else None
+        return result["logp"]
+
+    with _swapped_forward(head, head_forward):
+        model(input_ids=micro.input_ids, attention_mask=micro.attention_mask,
+              position_ids=position_ids(micro.attention_mask), logits_to_keep=0, use_cache=False)
+    return result["logp"], result["entropy"]
+
+
+def child(layout: str, responses: int, budget: int, trl_rows: int, trl_head: str = "all") -> None:
     import torch
 
     from espo_lightning.losses import GRPOLoss
@@ -96,17 +131,24 @@ def child(layout: str, responses: int, budget: int, trl_rows: int) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scorer, loss_fn = TokenScorer(packing=layout == "packed"), GRPOLoss()
+    score, logprobs = scorer.logprobs_and_entropy, scorer.logprobs
+    if layout == "trl" and trl_head == "all":
+        chunk = scorer._rows(model)  # the scorer's chunk of positions: the same kernel as the other layouts
+        score = torch.no_grad()(lambda m, micro: trl_head_logprobs(m, micro, chunk, True))
+        logprobs = lambda m, micro: trl_head_logprobs(m, micro, chunk, False)[0]  # noqa: E731
     plan = _plan(layout, batch, budget, trl_rows)
     micros = [batch.select(rows).trimmed() for rows in plan]
     real = int(batch.attention_mask.sum())
     processed = sum(m.input_ids.numel() for m in micros) if layout != "packed" else real
+    valid = int(batch.completion_mask.sum())
+    head = sum(m.input_ids[:, 1:].numel() for m in micros) if layout == "trl" and trl_head == "all" else valid
     Path("/proc/self/clear_refs").write_text("5")
     baseline = _status_kib("VmRSS")
 
     start = time.perf_counter()
     with torch.no_grad():
         for micro, rows in zip(micros, plan):
-            lp, ent = scorer.logprobs_and_entropy(model, micro)
+            lp, ent = score(model, micro)
             width = lp.shape[1]
             batch.old_logprobs[rows, :width], batch.entropies[rows, :width] = lp, ent
     score_s = time.perf_counter() - start
@@ -115,7 +157,7 @@ def child(layout: str, responses: int, budget: int, trl_rows: int) -> None:
     start = time.perf_counter()
     counts = Normalizer(*Normalizer.of(batch.completion_mask))
     for micro in micros:
-        logp = scorer.logprobs(model, micro)
+        logp = logprobs(model, micro)
         loss, _ = loss_fn(logprobs=logp, old_logprobs=micro.old_logprobs, advantages=micro.advantages,
                           mask=micro.completion_mask, entropies=micro.entropies, normalizer=counts)
         loss.backward()
@@ -124,7 +166,7 @@ def child(layout: str, responses: int, budget: int, trl_rows: int) -> None:
     step_s = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     print(json.dumps({"layout": layout, "score_s": score_s, "step_s": step_s, "real": real,
-                      "pad": processed - real, "micro_batches": len(plan), "peak_mib": (peak - baseline) / 1024}))
+                      "pad": processed - real, "head": head, "micro_batches": len(plan), "peak_mib": (peak - baseline) / 1024}))
 
 
 def main() -> None:
@@ -133,17 +175,21 @@ def main() -> None:
     parser.add_argument("--responses", type=int, default=64)
     parser.add_argument("--budget", type=int, default=8192, help="tokens per micro-batch (padded / packed)")
     parser.add_argument("--trl-rows", type=int, default=8, help="rows per micro-batch of the TRL layout")
+    parser.add_argument("--trl-head", choices=("all", "valid"), default="all",
+                        help="positions of the TRL layout that reach the head: all (TRL off Triton, this CPU) "
+                             "or valid (TRL on CUDA with Triton)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--child", choices=LAYOUTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.responses, args.budget, args.trl_rows)
+        return child(args.child, args.responses, args.budget, args.trl_rows, args.trl_head)
 
     runs: dict[str, list[dict]] = {layout: [] for layout in args.layouts}
     for repeat in range(args.repeats):
         for layout in args.layouts:  # interleaved: machine load drifts over a run
             out = subprocess.run([sys.executable, __file__, "--child", layout, "--responses", str(args.responses),
-                                  "--budget", str(args.budget), "--trl-rows", str(args.trl_rows)],
+                                  "--budget", str(args.budget), "--trl-rows", str(args.trl_rows),
+                                  "--trl-head", args.trl_head],
                                  capture_output=True, text=True, check=True)
             runs[layout].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"repeat {repeat + 1}/{args.repeats} {layout}: {runs[layout][-1]}", file=sys.stderr, flush=True)
@@ -151,19 +197,19 @@ def main() -> None:
     prompts, completions = lengths(args.responses)
     print(f"{args.responses} responses, prompts 64-256 (mean {prompts.float().mean():.0f}), completions log-normal "
           f"median 256 cap 2,048 (mean {completions.float().mean():.0f}, max {int(completions.max())}); "
-          f"budget {args.budget} tokens, TRL rows {args.trl_rows}; {args.repeats} interleaved repeats, medians; "
+          f"budget {args.budget} tokens, TRL rows {args.trl_rows} (head over {args.trl_head} positions); {args.repeats} interleaved repeats, medians; "
           f"{platform.machine()}, torch threads default")
     med = {layout: {k: statistics.median(r[k] for r in rs) for k in ("score_s", "step_s", "peak_mib")}
            for layout, rs in runs.items()}
     base = "packed" if "packed" in med else args.layouts[0]
-    print("| layout | micro-batches | real tokens | pad tokens | pad fraction | bound 1/(1-pad) | scoring s "
-          f"| step s | peak RSS MiB | scoring vs {base} | step vs {base} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layout | micro-batches | real tokens | pad tokens | pad fraction | bound 1/(1-pad) | head positions "
+          f"| scoring s | step s | peak RSS MiB | scoring vs {base} | step vs {base} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for layout, rs in runs.items():
         r, m = rs[0], med[layout]
         pad = r["pad"] / (r["real"] + r["pad"])
         print(f"| {layout} | {r['micro_batches']} | {r['real']:,} | {r['pad']:,} | {pad:.2f} | {1 / (1 - pad):.2f}x "
-              f"| {m['score_s']:.1f} | {m['step_s']:.1f} | {m['peak_mib']:.0f} "
+              f"| {r['head']:,} | {m['score_s']:.1f} | {m['step_s']:.1f} | {m['peak_mib']:.0f} "
               f"| {m['score_s'] / med[base]['score_s']:.2f}x | {m['step_s'] / med[base]['step_s']:.2f}x |")
 
 

@@ -255,3 +255,22 @@ def test_fsdp2_two_ranks_packed_match_one_padded_process(parity_runs):
     budget that gives the ranks different numbers of packed passes) takes the single padded process's
     two steps (tests/test_distributed_parity.py's check, 1e-5)."""
     _check_parity(parity_runs, "fsdp", packing=True, max_tokens_per_micro_batch=40, defer_grad_sync=False)
+
+
+def test_benchmark_trl_head_scores_every_position_to_the_same_log_probs():
+    """benchmarks/packing.py's TRL side (every position of the rectangle through the head, as TRL's
+    fused head does off Triton devices) computes the same numbers as the scorer, only more work."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "packing.py"
+    spec = importlib.util.spec_from_file_location("packing_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, batch = _model("qwen3"), _batch()
+    mask = batch.completion_mask
+    lp, ent = TokenScorer(3).logprobs_with_entropy(model, batch)
+    lt, et = bench.trl_head_logprobs(model, batch, 3, True)
+    torch.testing.assert_close(lt[mask], lp[mask], atol=1e-10, rtol=0)
+    torch.testing.assert_close(et[mask], ent[mask], atol=1e-10, rtol=0)
+    assert (lt[~mask] == 0).all() and (et[~mask] == 0).all()

@@ -26,7 +26,10 @@ in both and the pad fraction bounds only the transformer's share of the step. Th
 every micro-batch's forward + backward of a GRPO loss + AdamW. Each (repeat, layout) runs in a fresh
 process (peak RSS = VmHWM after the model and optimizer state are built, minus the RSS then);
 layouts are interleaved within each repeat, and the table shows medians. The bound is the speed-up
-that removing the pad fraction alone allows on the transformer, 1 / (1 - pad).
+that removing the pad fraction alone would allow if every FLOP were per processed token, 1 / (1 -
+pad). Once, after the first repeat, the fused head alone runs on the valid completion positions (the
+head's work, the same in ``padded`` and ``packed``), and the last line gives the speed-up removing
+padded's pad allows with that work unchanged (Amdahl) and how much of it packing reaches.
 """
 from __future__ import annotations
 
@@ -110,20 +113,56 @@ def trl_head_logprobs(model, micro, rows: int, with_entropy: bool):
     return result["logp"], result["entropy"]
 
 
-def child(layout: str, responses: int, budget: int, trl_rows: int, trl_head: str = "all") -> None:
+def _batch(responses: int):
     import torch
 
-    from espo_lightning.losses import GRPOLoss
-    from espo_lightning.losses.base import Normalizer
-    from espo_lightning.policy.scoring import TokenScorer
     from espo_lightning.rollout.tensors import build_rollout_batch
 
     prompt_lengths, completion_lengths = lengths(responses)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in prompt_lengths]
     completions = [torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in completion_lengths]
-    batch = build_rollout_batch(prompts, completions, 0, torch.randn(responses, generator=gen),
-                                torch.zeros(responses), None, 1.0)
+    return build_rollout_batch(prompts, completions, 0, torch.randn(responses, generator=gen),
+                               torch.zeros(responses), None, 1.0)
+
+
+def head_child(responses: int, budget: int) -> None:
+    """The fused head alone on the valid completion positions of the packed plan's micro-batches (its
+    work in ``padded`` and ``packed`` alike, which packing cannot remove): no grad with entropies
+    (scoring), then forward + backward (its share of a step), on random hidden states."""
+    import torch
+
+    from espo_lightning.policy.lm_head import _FusedHeadLogprobs
+    from espo_lightning.policy.scoring import TokenScorer
+
+    batch = _batch(responses)
+    model = _model()
+    head, chunk = model.get_output_embeddings(), TokenScorer()._rows(model)
+    gen = torch.Generator().manual_seed(2)
+    counts = [int(batch.completion_mask[rows].sum()) for rows in _plan("packed", batch, budget, 0)]
+    hidden = [torch.randn(n, head.weight.shape[1], generator=gen) for n in counts]
+    targets = [torch.randint(0, VOCAB, (n,), generator=gen) for n in counts]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for h, t in zip(hidden, targets):
+            _FusedHeadLogprobs.apply(h, head.weight, head.bias, t, 1.0, chunk, True)
+    score_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for h, t in zip(hidden, targets):
+        logp, _ = _FusedHeadLogprobs.apply(h.requires_grad_(), head.weight, head.bias, t, 1.0, chunk, False)
+        logp.sum().backward()
+    step_s = time.perf_counter() - start
+    print(json.dumps({"layout": "head", "score_s": score_s, "step_s": step_s, "positions": sum(counts)}))
+
+
+def child(layout: str, responses: int, budget: int, trl_rows: int, trl_head: str = "all") -> None:
+    import torch
+
+    from espo_lightning.losses import GRPOLoss
+    from espo_lightning.losses.base import Normalizer
+    from espo_lightning.policy.scoring import TokenScorer
+
+    batch = _batch(responses)
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for p in model.parameters():  # AdamW's state and the gradients exist before the measurement
@@ -179,20 +218,28 @@ def main() -> None:
                         help="positions of the TRL layout that reach the head: all (TRL off Triton, this CPU) "
                              "or valid (TRL on CUDA with Triton)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
-    parser.add_argument("--child", choices=LAYOUTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=LAYOUTS + ("head",), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "head":
+        return head_child(args.responses, args.budget)
     if args.child:
         return child(args.child, args.responses, args.budget, args.trl_rows, args.trl_head)
 
+    def run(layout: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child", layout, "--responses", str(args.responses),
+                              "--budget", str(args.budget), "--trl-rows", str(args.trl_rows),
+                              "--trl-head", args.trl_head], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     runs: dict[str, list[dict]] = {layout: [] for layout in args.layouts}
+    heads: list[dict] = []
     for repeat in range(args.repeats):
         for layout in args.layouts:  # interleaved: machine load drifts over a run
-            out = subprocess.run([sys.executable, __file__, "--child", layout, "--responses", str(args.responses),
-                                  "--budget", str(args.budget), "--trl-rows", str(args.trl_rows),
-                                  "--trl-head", args.trl_head],
-                                 capture_output=True, text=True, check=True)
-            runs[layout].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[layout].append(run(layout))
             print(f"repeat {repeat + 1}/{args.repeats} {layout}: {runs[layout][-1]}", file=sys.stderr, flush=True)
+        if repeat == 0 and {"padded", "packed"} <= set(args.layouts):
+            heads.append(run("head"))  # once: the share of the step that no layout of the body removes
+            print(f"head alone: {heads[-1]}", file=sys.stderr, flush=True)
 
     prompts, completions = lengths(args.responses)
     print(f"{args.responses} responses, prompts 64-256 (mean {prompts.float().mean():.0f}), completions log-normal "
@@ -211,6 +258,18 @@ def main() -> None:
         print(f"| {layout} | {r['micro_batches']} | {r['real']:,} | {r['pad']:,} | {pad:.2f} | {1 / (1 - pad):.2f}x "
               f"| {r['head']:,} | {m['score_s']:.1f} | {m['step_s']:.1f} | {m['peak_mib']:.0f} "
               f"| {m['score_s'] / med[base]['score_s']:.2f}x | {m['step_s'] / med[base]['step_s']:.2f}x |")
+    if heads:  # Amdahl: the pad fraction bounds only the work done per processed token
+        head, padded = heads[0], runs["padded"][0]
+        pad = padded["pad"] / (padded["real"] + padded["pad"])
+        step = med["padded"]["step_s"]
+        bound = step / (head["step_s"] + (step - head["step_s"]) * (1 - pad))
+        gain = step / med["packed"]["step_s"]
+        print(f"\nThe fused head alone on the {head['positions']:,} valid completion positions (the same work in "
+              f"padded and packed): scoring {head['score_s']:.1f} s, step {head['step_s']:.1f} s "
+              f"({head['step_s'] / step:.0%} of padded's step). With the head unchanged, removing padded's pad "
+              f"fraction {pad:.2f} allows step / (head + (step - head) (1 - pad)) = {bound:.2f}x; packed's "
+              f"{gain:.2f}x is {(gain - 1) / (bound - 1):.0%} of that speed-up (and {gain / (1 / (1 - pad)):.0%} "
+              f"of 1 / (1 - pad) = {1 / (1 - pad):.2f}x).")
 
 
 if __name__ == "__main__":

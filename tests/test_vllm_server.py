@@ -243,7 +243,7 @@ def test_the_announced_metadata_is_what_the_broadcast_sends(kind):
     is gathered: they equal what ``engine_weights`` then yields, in order (Qwen3-MoE: the fused
     in-memory experts reverted to per-expert checkpoint tensors on meta tensors); a tensor that
     disagrees is an error naming it."""
-    from espo_lightning.engines.vllm_server_engine import _checked
+    from espo_lightning.engines.vllm_server_nccl import checked as _checked
     from espo_lightning.engines.vllm_weights import engine_weight_metadata, engine_weights
 
     model = _tiny(kind)

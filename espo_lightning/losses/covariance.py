@@ -28,6 +28,7 @@ on has zero gradient either way.
 """
 from __future__ import annotations
 
+import abc
 from typing import Literal
 
 import torch
@@ -97,10 +98,10 @@ class _CovarianceLoss(PolicyLoss):
         # for the first update to score itself (old_policy.score_rollout's defer_first).
         return self.selection == "per_call"
 
+    @abc.abstractmethod
     def choose(self, cov: Tensor, n_tokens: Tensor, mask: Tensor, clipped: Tensor | None,
                generator: torch.Generator | None, distributed: bool) -> Tensor:
         """The chosen tokens ``[B, T]`` bool from the covariance ``cov`` of the rows (global means)."""
-        raise NotImplementedError
 
     def prepare_minibatch(self, *, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                           entropies: Tensor | None = None, group_ids: Tensor | None = None, step: int = 0,

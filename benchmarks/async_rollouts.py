@@ -34,7 +34,8 @@ no progress bar. Everything is read from the run's TensorBoard files:
 - **generation s**: ``perf/engine_generation_s``, the engine's own time on a rollout's generation
   (request to answer); **wait s**: ``perf/generation_wait_s``, the part of it the trainer blocked on;
   **hidden**: ``perf/generation_hidden_frac`` = 1 - wait / generation (0 when synchronous);
-  **update s**: ``perf/update_time_s``;
+  **update s**: ``perf/update_time_s``; **push s**: ``perf/weight_sync_s``, the trainer's time
+  pushing weights to the engine per rollout;
 - **reward**: ``reward/mean`` of each rollout (the training samples' mean reward), by fifths of the
   run, median over repeats; a one-step-off-policy run's reward is its stale samples' reward.
 """
@@ -125,6 +126,7 @@ def run(variant: str, repeat: int, args) -> dict:
             "wait_s": steady_median("perf/generation_wait_s"),
             "hidden": steady_median("perf/generation_hidden_frac"),
             "update_s": steady_median("perf/update_time_s"),
+            "push_s": steady_median("perf/weight_sync_s"),
             "reward": [float(v) for v in reward.y]}
 
 
@@ -169,12 +171,12 @@ def main() -> None:
           f"{args.rollouts} rollouts per run, timings after the first {args.warmup}; {args.repeats} interleaved "
           f"repeats, medians; colocated on cores {args.trainer_cpus},{args.server_cpus}, server variants: trainer on "
           f"{args.trainer_cpus}, server on {args.server_cpus}" + (f"; extra: {' '.join(args.set)}" if args.set else ""))
-    m = {v: {k: med(r[k] for r in rs) for k in ("s_per_rollout", "generation_s", "wait_s", "hidden", "update_s")}
-         for v, rs in runs.items()}
+    keys = ("s_per_rollout", "generation_s", "wait_s", "hidden", "update_s", "push_s")
+    m = {v: {k: med(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
     base = "colocated" if "colocated" in m else args.variants[0]
     print(f"| variant | s / rollout (median; runs) | speed-up vs {base} | generation s | wait s | hidden | update s "
-          "| reward by fifths | mean reward |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+          "| push s | reward by fifths | mean reward |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     for v, rs in runs.items():
         length = min(len(r["reward"]) for r in rs)
@@ -182,7 +184,7 @@ def main() -> None:
         speed = m[base]["s_per_rollout"] / m[v]["s_per_rollout"] if m[v]["s_per_rollout"] else None
         print(f"| {v} | {fmt(m[v]['s_per_rollout'])} ({', '.join(fmt(r['s_per_rollout']) for r in rs)}) "
               f"| {fmt(speed)}x | {fmt(m[v]['generation_s'])} | {fmt(m[v]['wait_s'])} | {fmt(m[v]['hidden'])} "
-              f"| {fmt(m[v]['update_s'])} | {' '.join(f'{x:.3f}' for x in fifths(curve))} "
+              f"| {fmt(m[v]['update_s'])} | {fmt(m[v]['push_s'], 3)} | {' '.join(f'{x:.3f}' for x in fifths(curve))} "
               f"| {statistics.mean(curve):.3f} |")
 
 

@@ -205,7 +205,8 @@ def child(layout: str, responses: int, budget: int, trl_rows: int, trl_head: str
     step_s = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     print(json.dumps({"layout": layout, "score_s": score_s, "step_s": step_s, "real": real,
-                      "pad": processed - real, "head": head, "micro_batches": len(plan), "peak_mib": (peak - baseline) / 1024}))
+                      "pad": processed - real, "head": head, "micro_batches": len(plan),
+                      "peak_mib": (peak - baseline) / 1024}))
 
 
 def main() -> None:
@@ -249,7 +250,8 @@ def report(args, runs: dict[str, list[dict]], heads: list[dict]) -> None:
     prompts, completions = lengths(args.responses)
     print(f"{args.responses} responses, prompts 64-256 (mean {prompts.float().mean():.0f}), completions log-normal "
           f"median 256 cap 2,048 (mean {completions.float().mean():.0f}, max {int(completions.max())}); "
-          f"budget {args.budget} tokens, TRL rows {args.trl_rows} (head over {args.trl_head} positions); {args.repeats} interleaved repeats, medians; "
+          f"budget {args.budget} tokens, TRL rows {args.trl_rows} (head over {args.trl_head} positions); "
+          f"{args.repeats} interleaved repeats, medians; "
           f"{platform.machine()}, torch threads default")
     med = {layout: {k: statistics.median(r[k] for r in rs) for k in ("score_s", "step_s", "peak_mib")}
            for layout, rs in runs.items()}

@@ -17,7 +17,8 @@ SUM_KEYS = ("responses", "scored", "reward_sum", "reward_sq_sum", "correct", "le
             "ratio_count", "ratio_sum", "ratio_masked")
 # ``ratio_neg_min`` holds minus the smallest behaviour ratio, so that MAX reduces it too.
 MAX_KEYS = ("rollout_time", "generation_time", "scoring_time", "update_time", "length_max", "diff_max",
-            "sampling_rounds", "ratio_max", "ratio_neg_min", "staleness", "generation_wait", "engine_generation")
+            "sampling_rounds", "ratio_max", "ratio_neg_min", "staleness", "generation_wait", "engine_generation",
+            "weight_sync")
 
 
 class RolloutMonitor(L.Callback):
@@ -57,7 +58,10 @@ class RolloutMonitor(L.Callback):
       process, only the rest of a generation submitted in the background with ``data.max_staleness``),
       ``perf/engine_generation_s`` (the engine's own time on it, request to answer) and
       ``perf/generation_hidden_frac`` (1 - wait / engine time: the share of generation that ran while
-      the trainer trained; 0 when synchronous).
+      the trainer trained; 0 when synchronous), ``perf/weight_sync_s`` (the trainer's time pushing the
+      policy's weights to the engine since the previous rollout: before its generation, before an
+      evaluation, before a submission with ``data.max_staleness``; slowest rank; near 0 for the HF
+      engine, which samples from the policy itself).
     - ``rollout/samples``: a few sample completions with their rewards as TensorBoard text (rank 0's).
 
     Args:
@@ -125,7 +129,8 @@ class RolloutMonitor(L.Callback):
                      sampling_rounds=float(getattr(stats, "sampling_rounds", 1)),
                      staleness=float(getattr(stats, "staleness", 0)),
                      generation_wait=float(getattr(stats, "generation_wait_s", 0.0)),
-                     engine_generation=float(getattr(stats, "engine_generation_s", 0.0)))
+                     engine_generation=float(getattr(stats, "engine_generation_s", 0.0)),
+                     weight_sync=float(getattr(stats, "weight_sync_s", 0.0)))
         diff = stats.engine_logprob_diff
         if diff is not None and diff.numel():
             diff = diff.double().cpu()
@@ -185,6 +190,8 @@ class RolloutMonitor(L.Callback):
                 out["perf/generation_wait_s"] = m["generation_wait"]
                 out["perf/engine_generation_s"] = m["engine_generation"]
                 out["perf/generation_hidden_frac"] = max(0.0, 1.0 - m["generation_wait"] / m["engine_generation"])
+            if m["weight_sync"] > 0:  # pushes since the previous rollout (vLLM: the whole state dict)
+                out["perf/weight_sync_s"] = m["weight_sync"]
         if s["groups"] > 0:
             out["rollout/zero_std_group_frac"] = s["zero_std_groups"] / s["groups"]
             out["rollout/dropped_group_frac"] = s["dropped_groups"] / s["groups"]

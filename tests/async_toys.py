@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import signal
+import time
 
 from concurrent.futures import Future
 
@@ -77,11 +78,12 @@ class SnapshotHFEngine(HFEngine):
     supports_submit = True
     uses_trainer_precision = False
 
-    def __init__(self, batch_size: int = 64):
+    def __init__(self, batch_size: int = 64, push_s: float = 0.0):
         super().__init__(batch_size=batch_size, return_logprobs=True)
-        self.copy, self.version = None, None
+        self.copy, self.version, self.push_s = None, None, push_s
 
     def sync_weights(self, policy, version=None):
+        time.sleep(self.push_s)  # a push that takes time, as a server's reload does
         self.copy, self.version = copy.deepcopy(policy).eval(), version
 
     def generate(self, prompt_ids, sampling, policy):

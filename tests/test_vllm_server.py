@@ -83,11 +83,14 @@ def test_one_step_off_policy_with_a_stand_in_engine(tiny_model_dir, tmp_path):
     transformers sampling from a copy of the weights taken at each push): rollout 0 is sampled from
     the current weights, 1 and 2 from the previous rollout's (versions 0 and 2: 2 optimizer steps per
     rollout), each rollout's engine log-probs equal those of the weights it was sampled from, and
-    ``rollout/staleness`` logs 0, 1, 1."""
+    ``rollout/staleness`` logs 0, 1, 1. Each push takes 0.3 s: ``perf/weight_sync_s`` counts one per
+    rollout (the evaluation before training pushes step 0's weights, each epoch's evaluation the
+    new ones, and the submission after it finds them pushed)."""
     from test_fit_e2e import scalars
 
     checks, root = tmp_path / "checks.jsonl", tmp_path / "run"
     proc = fit(tiny_model_dir, root, "--data.engine", "async_toys.SnapshotHFEngine",
+               "--data.engine.init_args.push_s", "0.3",
                "--trainer.callbacks+=async_toys.SampledWeightsCheck", "--trainer.callbacks.init_args.out", str(checks),
                config="conf/quickstart.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,7 +99,10 @@ def test_one_step_off_policy_with_a_stand_in_engine(tiny_model_dir, tmp_path):
                                                                                          (1, 2, 4)], records
     assert records[0]["current"] <= 1e-4
     assert all(r["previous"] <= 1e-4 < r["current"] for r in records[1:]), records
-    assert [v for _, v in scalars(root / "lightning_logs" / "version_0")["rollout/staleness"]] == [0.0, 1.0, 1.0]
+    logged = scalars(root / "lightning_logs" / "version_0")
+    assert [v for _, v in logged["rollout/staleness"]] == [0.0, 1.0, 1.0]
+    pushes = [v for _, v in logged["perf/weight_sync_s"]]
+    assert len(pushes) == 3 and all(0.3 <= v < 3.0 for v in pushes), logged["perf/weight_sync_s"]
 
 
 class _Hanging(BaseHTTPRequestHandler):

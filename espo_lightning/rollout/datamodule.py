@@ -187,6 +187,7 @@ class RolloutDataModule(L.LightningDataModule):
         self._train_rows: list[dict] | None = None
         self._engine_ready = False
         self._synced_step: int | None = None
+        self._sync_s = 0.0  # time in engine.sync_weights not yet counted in a rollout's stats
         self._warned_truncation = self._warned_filler = False
         self._current: tuple | None = None  # (epoch, batch, stats, minibatches) being trained on
         self._restored: dict | None = None  # state from a checkpoint, used by the next train_dataloader
@@ -228,8 +229,15 @@ class RolloutDataModule(L.LightningDataModule):
         if self._synced_step != self.trainer.global_step:
             for _, _, pending in self._inflight.values():
                 pending.result()  # raises what ended it, naming the rollout it generated
+            start = time.perf_counter()
             self.engine.sync_weights(self.module.policy, version=self.trainer.global_step)
+            self._sync_s += time.perf_counter() - start  # perf/weight_sync_s of the next rollout's stats
             self._synced_step = self.trainer.global_step
+
+    def _take_sync_s(self) -> float:
+        """The push time since the last rollout's stats took it (pushes before evaluations included)."""
+        taken, self._sync_s = self._sync_s, 0.0
+        return taken
 
     def check_data(self) -> None:
         """Load the prompt sources now, so a bad path or row fails before any model is loaded."""
@@ -306,6 +314,8 @@ class RolloutDataModule(L.LightningDataModule):
             self._record_staleness(stats, served)
         if self.max_staleness and epoch + 1 < (self.trainer.max_epochs or 0):
             self._submit_first_round(epoch + 1)  # generated while this rollout is trained on
+            if saved is None and stats is not None:
+                stats.weight_sync_s += self._take_sync_s()  # the push before its submission
         self.last_rollout = stats
         self._current = (epoch, batch, stats, served)
         return RolloutLoader([ServedBatch(b) for b in self.minibatches(batch, epoch)], start=start)
@@ -434,7 +444,8 @@ class RolloutDataModule(L.LightningDataModule):
                               behaviour_ratio=behaviour.ratios if behaviour else None,
                               behaviour_masked=behaviour.masked if behaviour else 0,
                               generation_wait_s=sum(w for w, _ in self._round_times),
-                              engine_generation_s=sum(g for _, g in self._round_times))
+                              engine_generation_s=sum(g for _, g in self._round_times),
+                              weight_sync_s=self._take_sync_s())
         if stats.prompt_truncated and not self._warned_truncation:
             self._warned_truncation = True
             self._say(f"data.max_prompt_length: {stats.prompt_truncated} of {stats.num_groups} prompts of this "

@@ -40,6 +40,7 @@ class RolloutStats:
     staleness: int = 0  # rollouts trained since those weights (data.max_staleness bounds it)
     generation_wait_s: float = 0.0  # the trainer blocked on the engine's generate calls / submitted results
     engine_generation_s: float = 0.0  # the engine's own time on them (request to answer); = the wait when in-process
+    weight_sync_s: float = 0.0  # the trainer's time pushing weights to the engine for this rollout
 
     @property
     def reward_mean(self) -> float:

@@ -103,22 +103,32 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_clip_fractions(runs, out: Path, smoothing: float, plt) -> Path | None:
+def _two_panels(runs, path: Path, panels, plt) -> Path | None:
+    """Two panels side by side, each one tag over steps with a line per run (``panels``: per panel
+    ``(tag, smoothing, title, ylabel)``; smoothing 0 draws the values as measured, with markers);
+    None when no run logged either tag."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     drawn = False
     for i, (label, scalars) in enumerate(runs):
-        for ax, tag in zip(axes, ("clip/low", "clip/high")):
+        for ax, (tag, weight, _, _) in zip(axes, panels):
             series = pick(scalars, tag)
             if series is not None:
-                ax.plot(series[0], smooth(series[1], smoothing), color=f"C{i}", label=label)
+                ax.plot(series[0], smooth(series[1], weight), color=f"C{i}", label=label,
+                        marker="o" if weight == 0.0 else None, markersize=3)
                 drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    _style(axes[0], "Low clip fraction (ratio < 1 - eps, A < 0)", "step", "fraction of tokens")
-    _style(axes[1], "High clip fraction (ratio > 1 + eps, A > 0)", "step", "fraction of tokens")
+    for ax, (_, _, title, ylabel) in zip(axes, panels):
+        _style(ax, title, "step", ylabel)
     axes[1].legend()
-    return _save(fig, out / "clip_fractions.png", plt)
+    return _save(fig, path, plt)
+
+
+def plot_clip_fractions(runs, out: Path, smoothing: float, plt) -> Path | None:
+    return _two_panels(runs, out / "clip_fractions.png", (
+        ("clip/low", smoothing, "Low clip fraction (ratio < 1 - eps, A < 0)", "fraction of tokens"),
+        ("clip/high", smoothing, "High clip fraction (ratio > 1 + eps, A > 0)", "fraction of tokens")), plt)
 
 
 def plot_entropy_vs_clip(runs, out: Path, smoothing: float, plt) -> Path | None:
@@ -169,22 +179,9 @@ def plot_entropy_groups(runs, out: Path, smoothing: float, plt) -> Path | None:
 
 
 def plot_accuracy(runs, out: Path, smoothing: float, plt) -> Path | None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    drawn = False
-    for i, (label, scalars) in enumerate(runs):
-        for ax, tag, weight in ((axes[0], "val/accuracy", 0.0), (axes[1], "reward/mean", smoothing)):
-            series = pick(scalars, tag)
-            if series is not None:
-                ax.plot(series[0], smooth(series[1], weight), color=f"C{i}", label=label,
-                        marker="o" if weight == 0.0 else None, markersize=3)
-                drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    _style(axes[0], "Greedy val/accuracy", "step", "accuracy")
-    _style(axes[1], "Sampled reward (rollout mean)", "step", "reward")
-    axes[1].legend()
-    return _save(fig, out / "accuracy.png", plt)
+    return _two_panels(runs, out / "accuracy.png", (
+        ("val/accuracy", 0.0, "Greedy val/accuracy", "accuracy"),
+        ("reward/mean", smoothing, "Sampled reward (rollout mean)", "reward")), plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -98,7 +98,9 @@ class RolloutEngine(ABC):
     def submit(self, prompt_ids: list[list[int]], sampling: Sampling) -> Pending:
         """Start ``generate`` in the background with the weights the engine holds now; the trainer
         may update its policy meanwhile. Only engines with ``supports_submit``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot generate in the background")
+        # Not an unfinished hook: engines that generate in the trainer's process have no background
+        # (the DataModule refuses data.max_staleness with them before any call reaches here).
+        raise TypeError(f"{type(self).__name__} cannot generate in the background (supports_submit is False)")
 
     def release(self) -> None:
         """Hand memory back to training: called after a rollout's generation and after an

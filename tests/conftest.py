@@ -24,6 +24,17 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory) -> str:
+    """The same model at width 128 (heads of 32): the CPU build of vLLM has no attention kernel for
+    the 16-wide heads of ``tiny_model_dir``."""
+    from espo_lightning.tasks.addition import AdditionModelBuilder
+
+    path = tmp_path_factory.mktemp("vllm-models") / "addition-128"
+    AdditionModelBuilder(sft_steps=20, hidden_size=128, num_layers=2)(path)
+    return str(path)
+
+
 @pytest.fixture
 def gsm8k_path() -> Path:
     assert GSM8K.exists(), f"the real GSM8K test split ships with the tests: {GSM8K} is missing"

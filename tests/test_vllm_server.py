@@ -266,25 +266,15 @@ def test_the_announced_metadata_is_what_the_broadcast_sends(kind):
 
 # ----- one launched server (the CPU build) -------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """The tiny addition model at width 128: the CPU build of vLLM needs heads of 32 or more."""
-    from espo_lightning.tasks.addition import AdditionModelBuilder
-
-    path = tmp_path_factory.mktemp("vllm-server-models") / "addition-128"
-    AdditionModelBuilder(sft_steps=20, hidden_size=128, num_layers=2)(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def served(model_dir):
+def served(vllm_model_dir):
     """(engine, policy, tokenizer): a server launched by the engine, the policy's weights pushed."""
     pytest.importorskip("vllm", reason=VLLM_REASON)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from espo_lightning.engines import VLLMServerEngine
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
     engine = VLLMServerEngine(max_model_len=64, start_timeout_s=600, request_timeout_s=300)
     engine.setup(policy, tok)
     engine.sync_weights(policy, version=0)
@@ -402,7 +392,7 @@ def test_teardown_stops_the_launched_server(served):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_collective_on_a_cpu_server_ends_in_one_line(model_dir):
+def test_collective_on_a_cpu_server_ends_in_one_line(vllm_model_dir):
     """``weight_transfer: collective`` launches the server with ``--weight-transfer nccl``; on the CPU
     build it cannot build the NCCL receiver, says why in ``/health``, refuses ``/init_weight_transfer_engine``
     in one line before any rendezvous, and the first push raises that line (no hang)."""
@@ -411,8 +401,8 @@ def test_collective_on_a_cpu_server_ends_in_one_line(model_dir):
 
     from espo_lightning.engines import VLLMServerEngine
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
     engine = VLLMServerEngine(max_model_len=64, weight_transfer="collective", start_timeout_s=600)
     engine.setup(policy, tok)
     try:
@@ -431,12 +421,12 @@ def test_collective_on_a_cpu_server_ends_in_one_line(model_dir):
 
 
 @pytest.mark.vllm
-def test_the_server_exits_when_the_trainer_is_gone(model_dir, tmp_path):
+def test_the_server_exits_when_the_trainer_is_gone(vllm_model_dir, tmp_path):
     """``--parent-pid``: a trainer killed with SIGKILL leaves no server behind, even one still loading."""
     pytest.importorskip("vllm", reason=VLLM_REASON)
     parent = subprocess.Popen(["sleep", "600"])
     port_file = tmp_path / "port"
-    server = subprocess.Popen([sys.executable, "-m", "espo_lightning.engines.vllm_server", "--model", model_dir,
+    server = subprocess.Popen([sys.executable, "-m", "espo_lightning.engines.vllm_server", "--model", vllm_model_dir,
                                "--port", "0", "--port-file", str(port_file), "--parent-pid", str(parent.pid)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -479,7 +469,7 @@ def _server_pid(stderr: str) -> int:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_three_rollouts_one_step_off_policy(model_dir, tmp_path):
+def test_three_rollouts_one_step_off_policy(vllm_model_dir, tmp_path):
     """conf/quickstart_async.yaml for 3 rollouts: rollout 0 is sampled from the current weights, 1
     and 2 from the weights of one rollout before (``rollout/staleness`` 0, 1, 1); each rollout's
     engine log-probs equal those of the weights it was sampled from within 1e-4, and differ from the
@@ -488,7 +478,7 @@ def test_three_rollouts_one_step_off_policy(model_dir, tmp_path):
     from test_fit_e2e import scalars
 
     checks = tmp_path / "checks.jsonl"
-    proc = fit(model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
+    proc = fit(vllm_model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
                "--trainer.callbacks.init_args.out", str(checks))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weights -> server via file /dev/shm/espo-weights-" in proc.stderr
@@ -508,14 +498,14 @@ def test_three_rollouts_one_step_off_policy(model_dir, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_a_killed_server_ends_the_run_with_one_line(model_dir, tmp_path):
+def test_a_killed_server_ends_the_run_with_one_line(vllm_model_dir, tmp_path):
     """SIGKILL the server right after rollout 2 was submitted to it: the run ends within
     ``request_timeout_s`` with one line naming the server, its pid and what the trainer was doing.
     That is generating rollout 2, or, where the tiny model's rollout finished before the signal
     landed (a loaded machine), the next weight push."""
     pytest.importorskip("vllm", reason=VLLM_REASON)
     pid_file = tmp_path / "pid"
-    proc = fit(model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.KillServer",
+    proc = fit(vllm_model_dir, tmp_path / "run", "--trainer.callbacks+=async_toys.KillServer",
                "--trainer.callbacks.init_args.epoch", "1", "--trainer.callbacks.init_args.pid_file", str(pid_file),
                "--data.engine.init_args.request_timeout_s", "60", epochs=4)
     ended = time.time()
@@ -535,12 +525,12 @@ def test_a_killed_server_ends_the_run_with_one_line(model_dir, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_ranks_one_step_off_policy(model_dir, tmp_path):
+def test_fsdp2_ranks_one_step_off_policy(vllm_model_dir, tmp_path):
     """conf/quickstart_fsdp.yaml (2 gloo ranks, FSDP2) with the server engine: rank 0 launches the
     server, both ranks push (the all-gather) and submit their own prompts; staleness 0, 1, 1 on both."""
     pytest.importorskip("vllm", reason=VLLM_REASON)
     checks = tmp_path / "checks.jsonl"
-    proc = fit(model_dir, tmp_path / "run", "--data.engine.class_path", "espo_lightning.engines.VLLMServerEngine",
+    proc = fit(vllm_model_dir, tmp_path / "run", "--data.engine.class_path", "espo_lightning.engines.VLLMServerEngine",
                "--data.engine.init_args.max_model_len", "64", "--data.max_staleness", "1",
                "--data.minibatch_size", "4", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
                "--trainer.callbacks.init_args.out", str(checks), config="conf/quickstart_fsdp.yaml")
@@ -554,7 +544,7 @@ def test_fsdp2_ranks_one_step_off_policy(model_dir, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_kill9_resume_regenerates_the_rollout_in_flight(model_dir, tmp_path):
+def test_kill9_resume_regenerates_the_rollout_in_flight(vllm_model_dir, tmp_path):
     """SIGKILL the whole run inside rollout 1, after optimizer step 3 (rollout 2 in flight in the
     server, submitted with step 2's weights; dynamic sampling on): the server exits by itself, and
     ``--ckpt_path last`` finishes the interrupted rollout from the checkpoint while rollout 2 is
@@ -564,7 +554,7 @@ def test_kill9_resume_regenerates_the_rollout_in_flight(model_dir, tmp_path):
     common = ("--checkpoint.every_n_train_steps", "1", "--data.drop_zero_std_groups", "true",
               "--data.max_sampling_rounds", "3", "--trainer.callbacks+=async_toys.SampledWeightsCheck",
               "--trainer.callbacks.init_args.out", str(checks))
-    killed = fit(model_dir, root, *common, "--trainer.callbacks+=resume_toys.KillAt",
+    killed = fit(vllm_model_dir, root, *common, "--trainer.callbacks+=resume_toys.KillAt",
                  "--trainer.callbacks.init_args.step", "4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     pid = _server_pid(killed.stderr)
@@ -572,7 +562,7 @@ def test_kill9_resume_regenerates_the_rollout_in_flight(model_dir, tmp_path):
     while time.monotonic() < deadline and _exists(pid):
         time.sleep(0.2)
     assert not _exists(pid), "the server outlived its trainer"
-    resumed = fit(model_dir, root, *common, "--ckpt_path", "last")
+    resumed = fit(vllm_model_dir, root, *common, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = [json.loads(line) for line in checks.read_text().splitlines()]
     # Lightning calls no on_train_epoch_start for the epoch a mid-epoch resume continues (1)

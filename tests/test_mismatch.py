@@ -1,4 +1,5 @@
-"""Truncated importance-sampling weights for the engine/trainer mismatch (espo_lightning.rollout.mismatch)."""
+"""Truncated importance-sampling weights for the engine/trainer mismatch (``data.tis_cap``: the
+token-level ``truncate`` variant of ``espo_lightning.rollout.behaviour``)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,15 @@ import math
 import pytest
 import torch
 
-from espo_lightning.rollout.mismatch import truncated_is_weights
+from espo_lightning.errors import ConfigError
+from espo_lightning.rollout.behaviour import BehaviourCorrection, behaviour_weights
+
+
+def truncated_is_weights(old, engine, mask, cap: float = 2.0):
+    """What ``data.tis_cap: cap`` applies: token level, truncated at ``cap``."""
+    weights, masked = behaviour_weights(old, engine, mask, BehaviourCorrection("truncate", "token", high=cap))
+    assert not masked.any()  # truncation never masks
+    return weights
 
 
 def test_weights_by_hand():
@@ -40,7 +49,7 @@ def test_dtypes_and_inf(dtype):
 
 def test_validation():
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="cap"):
+    with pytest.raises(ConfigError, match="high"):
         truncated_is_weights(x, x, x.bool(), cap=0.0)
     with pytest.raises(ValueError, match="shapes"):
         truncated_is_weights(x, torch.zeros(2, 4), x.bool())

@@ -11,9 +11,9 @@ from espo_lightning.losses import ESPOLoss
 from espo_lightning.training.module import PolicyModule
 from espo_lightning.rewards import exact_match
 from espo_lightning.rollout.batch import RolloutBatch
+from espo_lightning.rollout.behaviour import BehaviourCorrection, apply_behaviour_correction
 from espo_lightning.rollout.datamodule import RolloutDataModule
 from espo_lightning.engines import HFEngine, Sampling
-from espo_lightning.rollout.mismatch import apply_tis
 from espo_lightning.rollout.tensors import build_rollout_batch
 from espo_lightning.tasks.addition import AdditionSource
 
@@ -175,7 +175,7 @@ def test_tis_correction_becomes_per_token_advantages(tiny_model_dir):
                             rewards=torch.zeros(1), engine_logprobs=[[-1.0 - torch.log(torch.tensor(4.0)).item(), -1.0]],
                             temperature=1.0)
     b.old_logprobs = torch.tensor([[-1.0, -1.0]])
-    w = apply_tis(b, dm.tis_cap)
+    w = apply_behaviour_correction(b, BehaviourCorrection("truncate", "token", high=dm.tis_cap)).weights
     torch.testing.assert_close(b.advantages, torch.tensor([[1.0, 0.5]]))
     torch.testing.assert_close(w, torch.tensor([2.0, 1.0]))
     dm.engine.return_logprobs = False

@@ -17,7 +17,10 @@ response's weight, the same on every token of the response:
 - ``level: sequence``: ``W = exp(sum_t log w_t)``, the product of the token ratios;
   ``level: geometric``: ``W = exp(mean_t log w_t)``, their geometric mean (length-normalised, as
   verl's ``geometric`` level); both over the response's valid tokens.
-- ``mode: truncate`` (TIS; Yao et al. 2025): weight ``min(W, high)``.
+- ``mode: truncate`` (TIS; Yao et al., "Your efficient RL framework secretly brings you off-policy
+  RL training", 2025; verl's and TRL's ``tis_imp_ratio_cap`` / ``vllm_importance_sampling_cap``):
+  weight ``min(W, high)``. ``data.tis_cap: C`` is this at token level with ``high: C``: the
+  engine's own kernels and precision make ``pi_engine`` differ from ``pi_old`` even on policy.
 - ``mode: mask`` (MIS): weight ``W`` where ``low <= W <= high``, else 0 (the token, or the whole
   response at sequence level, is *masked*).
 - ``mode: icepop`` (IcePop, Ling team, "Every Step Evolves", 2025): the two-sided token mask

@@ -5,8 +5,9 @@ log-probs and entropies, and serves the result as minibatches for ``ppo_epochs``
 It is plumbing; the parts live beside it: ``prompts`` (encoding, chat template, what reward
 functions receive), ``sampling`` (rounds of dynamic sampling), ``rewarding`` (reward functions,
 worker pool), ``walk`` (which prompts), ``minibatching``, ``loaders``, ``resume`` (a rollout
-in a checkpoint), ``tensors`` (packing), ``mismatch`` (engine correction). Validation lives in ``espo_lightning.evaluation`` (its sets,
-metrics and files); the DataModule only hands Lightning its steps.
+in a checkpoint), ``tensors`` (packing), ``behaviour`` (engine / off-policy correction: TIS, MIS,
+IcePop). Validation lives in ``espo_lightning.evaluation`` (its sets, metrics and files); the
+DataModule only hands Lightning its steps.
 
 Under several ranks each rank owns whole prompt groups (P / world_size prompts), so advantages need
 no communication; every rank serves the same number of minibatches so collectives stay in step."""

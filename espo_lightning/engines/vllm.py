@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Literal
 
@@ -79,6 +80,24 @@ def _import_vllm():
     check_vllm_version(vllm.__version__)
     quiet_reload_logs()
     return vllm
+
+
+def sampling_params(sampling: Sampling, seeds: list[int | None] | None, stop_ids: list[int], logprobs: bool):
+    """vLLM ``SamplingParams`` for ``sampling`` (one per prompt when ``seeds`` holds any seed): plain
+    sampling at the given temperature and top-p (no top-k, min-p or repetition penalty: the trainer
+    scores the same distribution), the sampled tokens' log-probs when ``logprobs``. Shared by
+    ``VLLMEngine`` and the server of ``VLLMServerEngine`` (``vllm_server``)."""
+    from vllm import SamplingParams
+
+    common = dict(n=sampling.n, max_tokens=sampling.max_new_tokens, stop_token_ids=stop_ids, detokenize=False,
+                  logprobs=0 if logprobs else None, flat_logprobs=True, top_k=0, min_p=0.0, repetition_penalty=1.0)
+    if sampling.greedy:
+        common.update(temperature=0.0, top_p=1.0)
+    else:
+        common.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    if not seeds or all(s is None for s in seeds):
+        return SamplingParams(**common)
+    return [SamplingParams(**common, seed=s) for s in seeds]
 
 
 class VLLMEngine(RolloutEngine):
@@ -252,8 +271,6 @@ class VLLMEngine(RolloutEngine):
         self._sync_method = self._pick_sync_method(on_cpu)
         self._synced = self._base_in = False
         if self._lora_rank is not None:
-            import tempfile
-
             shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
             self._adapter_root = tempfile.mkdtemp(prefix="espo-lora-", dir=shm)
 
@@ -390,18 +407,7 @@ class VLLMEngine(RolloutEngine):
         return Generation(token_ids, truncated, logprobs if self.return_logprobs else None)
 
     def _sampling_params(self, sampling: Sampling, seeds: list[int | None]):
-        from vllm import SamplingParams
-
-        common = dict(n=sampling.n, max_tokens=sampling.max_new_tokens, stop_token_ids=self.stop_ids or [self.eos_token_id],
-                      detokenize=False, logprobs=0 if self.return_logprobs else None, flat_logprobs=True,
-                      top_k=0, min_p=0.0, repetition_penalty=1.0)
-        if sampling.greedy:
-            common.update(temperature=0.0, top_p=1.0)
-        else:
-            common.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        if all(s is None for s in seeds):
-            return SamplingParams(**common)
-        return [SamplingParams(**common, seed=s) for s in seeds]
+        return sampling_params(sampling, seeds, self.stop_ids or [self.eos_token_id], self.return_logprobs)
 
     def _gather_tensor_parallel(self, requests: list) -> tuple[list, int]:
         """Ranks that share a tensor-parallel engine must submit identical requests: concatenate

@@ -42,19 +42,14 @@ log = logging.getLogger("espo_lightning.vllm_server")
 
 
 def sampling_params(sampling: dict, seeds: list | None, stop_ids: list[int], logprobs: bool):
-    """vLLM ``SamplingParams`` for one request per prompt (the same settings as ``VLLMEngine``)."""
-    from vllm import SamplingParams
+    """vLLM ``SamplingParams`` for one request's JSON sampling settings (the same as ``VLLMEngine``'s)."""
+    from espo_lightning.engines.base import Sampling
+    from espo_lightning.engines.vllm import sampling_params as engine_sampling_params
 
-    common = dict(n=int(sampling["n"]), max_tokens=int(sampling["max_new_tokens"]), stop_token_ids=stop_ids,
-                  detokenize=False, logprobs=0 if logprobs else None, flat_logprobs=True, top_k=0, min_p=0.0,
-                  repetition_penalty=1.0)
-    if sampling.get("greedy"):
-        common.update(temperature=0.0, top_p=1.0)
-    else:
-        common.update(temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]))
-    if not seeds or all(s is None for s in seeds):
-        return SamplingParams(**common)
-    return [SamplingParams(**common, seed=s) for s in seeds]
+    settings = Sampling(n=int(sampling["n"]), temperature=float(sampling["temperature"]),
+                        top_p=float(sampling["top_p"]), max_new_tokens=int(sampling["max_new_tokens"]),
+                        greedy=bool(sampling.get("greedy")))
+    return engine_sampling_params(settings, seeds, stop_ids, logprobs)
 
 
 class Server:

@@ -87,8 +87,8 @@ def engine_weights(policy: torch.nn.Module, dtype: torch.dtype | None,
             yield from revert(policy, {name: value}).items()
 
 
-def engine_weight_metadata(policy: torch.nn.Module, dtype: torch.dtype | None,
-                           adapters: str = "merged") -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def engine_weight_metadata(policy: torch.nn.Module,
+                           dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(checkpoint name, dtype, full shape) of what ``engine_weights`` yields, in its order, without
     gathering anything (a DTensor's ``shape`` is the global one; a renaming or fused conversion is
     replayed on meta tensors): what a receiver needs before a broadcast starts (the NCCL path)."""

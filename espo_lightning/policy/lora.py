@@ -20,6 +20,7 @@ else follows from the wrapped model's ``requires_grad`` flags and from the helpe
 PEFT is imported only here, and only when LoRA is used."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -226,8 +227,6 @@ def save_adapter(policy, folder: str, dtype: torch.dtype | None = None) -> int:
     ``adapter_model.safetensors``, PEFT's names) that ``PeftModel.from_pretrained`` and vLLM's
     ``LoRARequest`` load; returns the bytes of the tensors written. Tensors are cast to ``dtype``
     (None: as they are) on the shard, then gathered one at a time under FSDP2: every rank must call it."""
-    import os
-
     from safetensors.torch import save_file
 
     peft = import_peft()
